@@ -1,0 +1,12 @@
+//! sluice: a transparent inbound TCP interceptor for Linux.
+//!
+//! See the README for the design; each module's header says what it owns.
+
+pub mod config;
+pub mod forward;
+pub mod intercept;
+pub mod linux;
+pub mod listener;
+pub mod routing;
+pub mod server;
+pub mod upstream;

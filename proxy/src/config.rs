@@ -1,0 +1,296 @@
+//! The command line, validated into one typed [`Policy`] before anything
+//! touches the kernel: bad input is refused with nothing changed.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Transparent inbound TCP interceptor"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: tracing::Level,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install, remove or show the interception rules of this network namespace.
+    Rules {
+        #[command(subcommand)]
+        action: RulesAction,
+    },
+    /// Run the proxy: accept intercepted connections and forward them to the workload.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesAction {
+    /// Install the rules (idempotent: installing twice installs once).
+    Install {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Print the exact iptables-restore input and routes; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove every rule, chain and route of sluice (succeeds when none is installed).
+    Remove {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Show what is installed and whether it matches the flags given.
+    Show {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Install the rules at start and remove them at exit (SIGINT/SIGTERM).
+    #[arg(long)]
+    pub install_rules: bool,
+    /// Data-path threads, each with its own io_uring runtime [default: one per core].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// mangle-table TPROXY and policy routing; no conntrack entry per connection.
+    Tproxy,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Tproxy => "tproxy",
+        })
+    }
+}
+
+/// The interception flags shared by `rules` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Interception mode.
+    #[arg(long, value_enum, default_value_t = Mode::Tproxy)]
+    pub mode: Mode,
+    /// Port sluice listens on for intercepted connections.
+    #[arg(long, default_value = "15006", value_parser = parse_port)]
+    pub proxy_port: u16,
+    /// Destination ports to intercept: a comma-separated list, or * for all.
+    #[arg(long, default_value = "*", value_parser = parse_ports)]
+    pub ports: Ports,
+    /// Destination ports never intercepted (the proxy port is always excluded).
+    #[arg(long, default_value = "15006,15020,15021,15090", value_parser = parse_port_list)]
+    pub exclude_ports: PortList,
+    /// Client (source) CIDRs whose connections are not intercepted, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Interfaces whose incoming connections are not intercepted, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_interface)]
+    pub exclude_interfaces: Vec<String>,
+    /// Firewall mark of intercepted packets (non-zero).
+    #[arg(long, default_value_t = 1337)]
+    pub mark: u32,
+    /// Routing table holding the TPROXY local route.
+    #[arg(long, default_value_t = 133)]
+    pub table: u32,
+}
+
+/// Which destination ports are intercepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ports {
+    All,
+    List(BTreeSet<u16>),
+}
+
+/// A comma-separated port list (clap needs one value type per flag).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortList(pub BTreeSet<u16>);
+
+/// The validated interception policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub proxy_port: u16,
+    pub ports: Ports,
+    /// Always holds `proxy_port`: intercepting the proxy's own port would loop.
+    pub exclude_ports: BTreeSet<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub exclude_interfaces: Vec<String>,
+    pub mark: u32,
+    pub table: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--mark must not be 0: a zero mark matches every unmarked packet")]
+    ZeroMark,
+    #[error(
+        "--table {0} is reserved (0 unspec, 253 default, 254 main, 255 local): pick another, e.g. 133"
+    )]
+    ReservedTable(u32),
+    #[error("port {0} is both in --ports and in --exclude-ports (or is the --proxy-port): remove it from one")]
+    PortConflict(u16),
+}
+
+impl PolicyArgs {
+    pub fn validate(&self) -> Result<Policy, ConfigError> {
+        if self.mark == 0 {
+            return Err(ConfigError::ZeroMark);
+        }
+        if matches!(self.table, 0 | 253..=255) {
+            return Err(ConfigError::ReservedTable(self.table));
+        }
+        let mut exclude_ports = self.exclude_ports.0.clone();
+        exclude_ports.insert(self.proxy_port);
+        if let Ports::List(ports) = &self.ports {
+            if let Some(port) = ports.intersection(&exclude_ports).next() {
+                return Err(ConfigError::PortConflict(*port));
+            }
+        }
+        let mut exclude_cidrs: Vec<IpNet> = self.exclude_cidrs.iter().map(IpNet::trunc).collect();
+        exclude_cidrs.dedup();
+        Ok(Policy {
+            mode: self.mode,
+            proxy_port: self.proxy_port,
+            ports: self.ports.clone(),
+            exclude_ports,
+            exclude_cidrs,
+            exclude_interfaces: self.exclude_interfaces.clone(),
+            mark: self.mark,
+            table: self.table,
+        })
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(0) => Err("port 0 is not a port; use 1-65535".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("'{text}' is not a port; use 1-65535")),
+    }
+}
+
+fn parse_port_list(text: &str) -> Result<PortList, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(parse_port)
+        .collect::<Result<_, _>>()
+        .map(PortList)
+}
+
+fn parse_ports(text: &str) -> Result<Ports, String> {
+    if text.trim() == "*" {
+        return Ok(Ports::All);
+    }
+    let PortList(ports) = parse_port_list(text)?;
+    if ports.is_empty() {
+        return Err("give at least one port, or * for all".into());
+    }
+    Ok(Ports::List(ports))
+}
+
+fn parse_interface(text: &str) -> Result<String, String> {
+    // IFNAMSIZ is 16 with the NUL; iptables refuses what the kernel would.
+    let valid = !text.is_empty()
+        && text.len() < 16
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+'));
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "'{text}' is not an interface name (1-15 characters, no spaces or '/')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<PolicyArgs, clap::Error> {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            policy: PolicyArgs,
+        }
+        let argv = std::iter::once("sluice").chain(extra.iter().copied());
+        Wrap::try_parse_from(argv).map(|w| w.policy)
+    }
+
+    #[test]
+    fn defaults_intercept_everything_but_the_proxy_and_admin_ports() {
+        let policy = args(&[]).unwrap().validate().unwrap();
+        assert_eq!(policy.ports, Ports::All);
+        assert_eq!(
+            policy.exclude_ports,
+            BTreeSet::from([15006, 15020, 15021, 15090])
+        );
+        assert_eq!(
+            (policy.mark, policy.table, policy.proxy_port),
+            (1337, 133, 15006)
+        );
+    }
+
+    #[test]
+    fn proxy_port_is_always_excluded() {
+        let policy = args(&["--exclude-ports", "15021", "--proxy-port", "16000"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(policy.exclude_ports, BTreeSet::from([15021, 16000]));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        for bad in [
+            &["--ports", "0"][..],
+            &["--ports", "70000"],
+            &["--ports", "80,x"],
+            &["--ports", ""],
+            &["--exclude-cidrs", "10.0.0.0/33"],
+            &["--exclude-cidrs", "nonsense"],
+            &["--exclude-interfaces", "a/b"],
+            &["--proxy-port", "0"],
+            &["--mark", "-1"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?} was accepted");
+        }
+        let zero_mark = args(&["--mark", "0"]).unwrap().validate();
+        assert_eq!(zero_mark, Err(ConfigError::ZeroMark));
+        let main_table = args(&["--table", "254"]).unwrap().validate();
+        assert_eq!(main_table, Err(ConfigError::ReservedTable(254)));
+        let conflict = args(&["--ports", "9080,15006"]).unwrap().validate();
+        assert_eq!(conflict, Err(ConfigError::PortConflict(15006)));
+    }
+
+    #[test]
+    fn cidrs_are_normalised() {
+        let policy = args(&["--exclude-cidrs", "10.1.2.3/8,2001:2::1/48"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        let shown: Vec<String> = policy
+            .exclude_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "2001:2::/48"]);
+    }
+}

@@ -1,0 +1,77 @@
+//! The copy forwarder: io_uring reads and writes through user-space buffers.
+//!
+//! Each direction owns one buffer that starts small, so that thousands of
+//! idle connections stay cheap, and doubles whenever a read fills it, up to
+//! [`MAX_BUFFER`], so that bulk streams move in large chunks.
+
+use std::net::Shutdown;
+
+use tokio_uring::net::TcpStream;
+
+use super::{Direction, End, Forwarded};
+use crate::linux;
+
+const INITIAL_BUFFER: usize = 4 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Forwards both directions concurrently until both have ended.
+pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
+    let (to_upstream, to_client) = futures::join!(pump(client, upstream), pump(upstream, client));
+    Forwarded {
+        upstream: to_upstream,
+        downstream: to_client,
+    }
+}
+
+async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
+    let mut buffer = Vec::with_capacity(INITIAL_BUFFER);
+    let mut bytes = 0u64;
+    loop {
+        buffer.clear();
+        let (read, returned) = from.read(buffer).await;
+        buffer = returned;
+        let n = match read {
+            Ok(0) => {
+                // Half-close: pass the FIN on and let the other direction go
+                // on. A failure here means `to` is already gone, which the
+                // other direction reports.
+                let _ = to.shutdown(Shutdown::Write);
+                return Direction {
+                    bytes,
+                    end: End::Eof,
+                };
+            }
+            Ok(n) => n,
+            Err(error) => {
+                abort(to);
+                return Direction {
+                    bytes,
+                    end: End::ReadFailed(error),
+                };
+            }
+        };
+        let filled = n == buffer.capacity();
+        let (written, returned) = to.write_all(buffer).await;
+        buffer = returned;
+        if let Err(error) = written {
+            abort(from);
+            return Direction {
+                bytes,
+                end: End::WriteFailed(error),
+            };
+        }
+        bytes += n as u64;
+        if filled && buffer.capacity() < MAX_BUFFER {
+            let grown = (buffer.capacity() * 2).min(MAX_BUFFER);
+            buffer = Vec::with_capacity(grown);
+        }
+    }
+}
+
+/// Passes a failure on to the peer behind `socket`: its close becomes a
+/// reset, and the direction reading from it wakes up (end of stream) so the
+/// connection can finish and close.
+fn abort(socket: &TcpStream) {
+    let _ = linux::reset_on_close(socket);
+    let _ = linux::shutdown_read(socket);
+}

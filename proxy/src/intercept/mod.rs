@@ -1,0 +1,214 @@
+//! Installing, showing and removing the interception of one mode in the
+//! network namespace sluice runs in. Every change is checked first (rights,
+//! tools), applied in one transaction per family, and rolled back if a later
+//! step fails, so an error leaves nothing half-installed.
+
+pub mod rules;
+pub mod tproxy;
+
+use std::fmt::Write as _;
+
+use crate::config::{Mode, Policy};
+use crate::linux;
+use crate::routing::{self, PolicyRoute, RoutingState};
+use rules::{Family, RuleSet};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("changing the interception needs CAP_NET_ADMIN: run sluice as root, or grant it the capability (e.g. securityContext.capabilities.add: [NET_ADMIN])")]
+    NoNetAdmin,
+    #[error("cannot tell whether sluice holds CAP_NET_ADMIN")]
+    Capabilities(#[source] std::io::Error),
+    #[error(transparent)]
+    Rules(#[from] rules::Error),
+    #[error("policy routing")]
+    Routing(#[from] routing::Error),
+}
+
+/// The rules and routes a policy asks for.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub rule_sets: Vec<RuleSet>,
+    pub route: Option<PolicyRoute>,
+}
+
+impl Plan {
+    pub fn new(policy: &Policy) -> Plan {
+        match policy.mode {
+            Mode::Tproxy => Plan {
+                rule_sets: Family::BOTH.map(|f| tproxy::rule_set(policy, f)).to_vec(),
+                route: Some(tproxy::policy_route(policy)),
+            },
+        }
+    }
+
+    /// What `rules install --dry-run` prints: the exact restore input of each
+    /// family (as applied to a namespace without sluice rules) and the routes.
+    pub fn dry_run(&self) -> String {
+        let mut out = String::new();
+        for set in &self.rule_sets {
+            let empty = RuleSet::new(set.family, set.table);
+            let tool = match set.family {
+                Family::V4 => "iptables-restore --noflush",
+                Family::V6 => "ip6tables-restore --noflush",
+            };
+            let _ = write!(out, "# {tool}\n{}", set.install_script(&empty));
+        }
+        if let Some(route) = &self.route {
+            out += "# policy routing (rtnetlink)\n";
+            for line in route.describe() {
+                out += &line;
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn install(&self) -> Result<(), Error> {
+        preflight()?;
+        let mut applied = Vec::new();
+        let result = self.install_steps(&mut applied);
+        if result.is_err() {
+            for family in applied {
+                let table = self.table_of(family);
+                let _ = remove_rules(family, table);
+            }
+            if let Some(route) = &self.route {
+                let _ = route.remove();
+            }
+        }
+        result
+    }
+
+    fn install_steps(&self, applied: &mut Vec<Family>) -> Result<(), Error> {
+        for set in &self.rule_sets {
+            let installed = RuleSet::read_installed(set.family, set.table)?;
+            RuleSet::apply(set.family, &set.install_script(&installed))?;
+            applied.push(set.family);
+        }
+        if let Some(route) = &self.route {
+            route.install()?;
+        }
+        Ok(())
+    }
+
+    /// Removes every sluice chain, hook and route, whatever flags installed
+    /// them; succeeds when nothing is installed.
+    pub fn remove(&self) -> Result<(), Error> {
+        preflight()?;
+        for set in &self.rule_sets {
+            remove_rules(set.family, set.table)?;
+        }
+        if let Some(route) = &self.route {
+            route.remove()?;
+        }
+        Ok(())
+    }
+
+    pub fn show(&self) -> Result<Status, Error> {
+        rules::RuleSet::check_tools()?;
+        let mut installed = Vec::new();
+        for set in &self.rule_sets {
+            installed.push(RuleSet::read_installed(set.family, set.table)?);
+        }
+        let routing = match &self.route {
+            Some(route) => Some(route.read()?),
+            None => None,
+        };
+        Ok(Status {
+            wanted: self.clone(),
+            installed,
+            routing,
+        })
+    }
+
+    fn table_of(&self, family: Family) -> &'static str {
+        self.rule_sets
+            .iter()
+            .find(|s| s.family == family)
+            .map_or("mangle", |s| s.table)
+    }
+}
+
+fn remove_rules(family: Family, table: &'static str) -> Result<(), Error> {
+    let installed = RuleSet::read_installed(family, table)?;
+    if let Some(script) = RuleSet::remove_script(&installed) {
+        RuleSet::apply(family, &script)?;
+    }
+    Ok(())
+}
+
+fn preflight() -> Result<(), Error> {
+    if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
+        return Err(Error::NoNetAdmin);
+    }
+    RuleSet::check_tools()?;
+    Ok(())
+}
+
+/// What is installed, beside what the flags ask for.
+#[derive(Debug)]
+pub struct Status {
+    wanted: Plan,
+    installed: Vec<RuleSet>,
+    routing: Option<RoutingState>,
+}
+
+impl Status {
+    pub fn nothing_installed(&self) -> bool {
+        self.installed.iter().all(RuleSet::is_empty) && self.routing.is_none_or(|r| r.empty())
+    }
+
+    pub fn matches(&self) -> bool {
+        self.installed == self.wanted.rule_sets && self.routing.is_none_or(|r| r.complete())
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (installed, wanted) in self.installed.iter().zip(&self.wanted.rule_sets) {
+            let family = match installed.family {
+                Family::V4 => "IPv4",
+                Family::V6 => "IPv6",
+            };
+            writeln!(f, "# {family} {} table", installed.table)?;
+            if installed.is_empty() {
+                writeln!(f, "(no sluice rules)")?;
+            }
+            let lines = installed
+                .hooks
+                .iter()
+                .chain(installed.chains.values().flatten());
+            for line in lines {
+                writeln!(f, "{line}")?;
+            }
+            if installed != wanted && !installed.is_empty() {
+                writeln!(
+                    f,
+                    "(differs from the flags given; `sluice rules install` with them replaces it)"
+                )?;
+            }
+        }
+        if let Some(state) = &self.routing {
+            writeln!(f, "# policy routing")?;
+            let present = |yes: bool| if yes { "present" } else { "missing" };
+            writeln!(f, "fwmark rule v4: {}", present(state.rule_v4))?;
+            writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;
+            writeln!(f, "local route v4: {}", present(state.local_route_v4))?;
+            writeln!(f, "local route v6: {}", present(state.local_route_v6))?;
+            writeln!(
+                f,
+                "bypass source ::6 on lo: {}",
+                present(state.bypass_source_v6)
+            )?;
+        }
+        let verdict = if self.nothing_installed() {
+            "not installed"
+        } else if self.matches() {
+            "installed, matches the flags"
+        } else {
+            "installed, does NOT match the flags"
+        };
+        writeln!(f, "status: {verdict}")
+    }
+}

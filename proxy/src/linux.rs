@@ -1,0 +1,127 @@
+//! Linux socket options and process facts, each behind one small typed
+//! function. The `unsafe` of borrowing a runtime's raw descriptor lives here
+//! and nowhere else.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+
+/// Source address of sluice's own connection to the workload (Istio's
+/// convention): the interception rules let packets from it on `lo` pass, so
+/// the proxy's upstream connection is not intercepted a second time, and the
+/// workload sees that a connection came through sluice.
+pub const BYPASS_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 twin of [`BYPASS_SOURCE_V4`]; unlike 127.0.0.6 it must be added
+/// to `lo` (`sluice rules install` does).
+pub const BYPASS_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+const CAP_NET_ADMIN: u32 = 12;
+
+pub fn bypass_source(family_of: IpAddr) -> IpAddr {
+    match family_of {
+        IpAddr::V4(_) => IpAddr::V4(BYPASS_SOURCE_V4),
+        IpAddr::V6(_) => IpAddr::V6(BYPASS_SOURCE_V6),
+    }
+}
+
+/// A listening socket with `IP_TRANSPARENT`, so TPROXY can hand it
+/// connections addressed to any local or non-local destination.
+/// IPv6 listeners are v6-only: IPv4 has its own listener.
+pub fn transparent_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?;
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// A socket bound to the bypass source of `destination`'s family, ready to
+/// connect. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`,
+/// so the whole 4-tuple space is available rather than one port per bind.
+pub fn bypass_socket(destination: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
+    socket.set_tcp_nodelay(true)?;
+    bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::new(bypass_source(destination.ip()), 0).into())?;
+    Ok(socket)
+}
+
+/// `getsockname()`: on a socket accepted through TPROXY (or sk_lookup) this
+/// is the destination the client asked for.
+pub fn local_addr(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
+    with_sockref(socket, |s| s.local_addr())?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("socket has no IP address"))
+}
+
+/// Makes the next close send RST instead of FIN: how a reset from one side
+/// is passed on to the other.
+pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
+    with_sockref(socket, |s| s.set_linger(Some(std::time::Duration::ZERO)))
+}
+
+/// `shutdown(SHUT_RD)`: wakes a pending read on this socket with end of
+/// stream, without sending anything to the peer.
+pub fn shutdown_read(socket: &impl AsRawFd) -> io::Result<()> {
+    with_sockref(socket, |s| s.shutdown(std::net::Shutdown::Read))
+}
+
+pub fn set_nodelay(socket: &impl AsRawFd) -> io::Result<()> {
+    with_sockref(socket, |s| s.set_tcp_nodelay(true))
+}
+
+/// Whether `ip` is an address of this network namespace: binding to it
+/// succeeds only if so (the TPROXY local table does not count; `bind()`
+/// looks at the real local table).
+pub fn is_local_address(ip: IpAddr) -> io::Result<bool> {
+    let socket = Socket::new(
+        Domain::for_address(SocketAddr::new(ip, 0)),
+        Type::STREAM,
+        None,
+    )?;
+    bind_address_no_port(&socket)?;
+    match socket.bind(&SockAddr::from(SocketAddr::new(ip, 0))) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether this process holds CAP_NET_ADMIN in its effective set, which every
+/// change of rules and routes needs.
+pub fn has_cap_net_admin() -> io::Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
+    let bits = u64::from_str_radix(effective.trim(), 16)
+        .map_err(|e| io::Error::other(format!("bad CapEff in /proc/self/status: {e}")))?;
+    Ok(bits & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT` (socket2 lacks it; nix has it).
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(io::Error::from)
+}
+
+fn with_sockref<T>(socket: &impl AsRawFd, f: impl FnOnce(SockRef<'_>) -> T) -> T {
+    // SAFETY: the descriptor is owned by `socket`, which outlives this call,
+    // and SockRef never closes what it borrows.
+    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    f(SockRef::from(&fd))
+}

@@ -1,0 +1,93 @@
+//! The transparent listening sockets, and recovery of the destination a
+//! client originally asked for.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use crate::config::Mode;
+use crate::linux;
+
+/// The address the client connected to, before interception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: SocketAddr,
+    pub recovered: Recovered,
+}
+
+/// How an [`OrigDst`] was found; the modes must not be mixed up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovered {
+    /// `getsockname()` on a socket TPROXY handed over: the kernel kept the
+    /// destination.
+    SocketName,
+}
+
+/// The client's own address, as the proxy's accepted socket sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl std::fmt::Display for OrigDst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("port {port} is already in use ({family}): stop what listens there or choose another --proxy-port")]
+    PortInUse { port: u16, family: &'static str },
+    #[error("a transparent listener needs CAP_NET_ADMIN (IP_TRANSPARENT): run sluice as root or grant it NET_ADMIN")]
+    NotPermitted,
+    #[error("cannot listen on {addr}")]
+    Other {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One listening socket per family, shared by every worker thread.
+pub struct Listeners {
+    pub v4: std::net::TcpListener,
+    pub v6: std::net::TcpListener,
+}
+
+const BACKLOG: i32 = 4096;
+
+impl Listeners {
+    pub fn bind(mode: Mode, port: u16) -> Result<Listeners, Error> {
+        match mode {
+            Mode::Tproxy => Ok(Listeners {
+                v4: transparent((Ipv4Addr::UNSPECIFIED, port).into(), "IPv4")?,
+                v6: transparent((Ipv6Addr::UNSPECIFIED, port).into(), "IPv6")?,
+            }),
+        }
+    }
+}
+
+fn transparent(addr: SocketAddr, family: &'static str) -> Result<std::net::TcpListener, Error> {
+    linux::transparent_listener(addr, BACKLOG).map_err(|source| match source.raw_os_error() {
+        Some(libc::EADDRINUSE) => Error::PortInUse {
+            port: addr.port(),
+            family,
+        },
+        Some(libc::EPERM) => Error::NotPermitted,
+        _ => Error::Other { addr, source },
+    })
+}
+
+pub fn original_dst(mode: Mode, accepted: &impl AsRawFd) -> io::Result<OrigDst> {
+    match mode {
+        Mode::Tproxy => Ok(OrigDst {
+            addr: linux::local_addr(accepted)?,
+            recovered: Recovered::SocketName,
+        }),
+    }
+}

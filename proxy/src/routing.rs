@@ -1,0 +1,320 @@
+//! Policy routing for TPROXY: `fwmark <mark> lookup <table>` and
+//! `local default dev lo table <table>`, IPv4 and IPv6, plus the IPv6 bypass
+//! source address on `lo`, all over rtnetlink in the namespace sluice runs in.
+//!
+//! The API is synchronous: each call opens a netlink socket on a private
+//! current-thread runtime. The socket belongs to the namespace of the calling
+//! thread, which is what sluice wants (it acts on the namespace it runs in).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::{Future, TryStreamExt};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+use crate::linux::BYPASS_SOURCE_V6;
+
+/// `lo` is interface 1 in every network namespace (`LOOPBACK_IFINDEX`).
+const LOOPBACK_INDEX: u32 = 1;
+const EEXIST: i32 = 17;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EADDRNOTAVAIL: i32 = 99;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open a netlink socket")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink refused to {what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// The policy route of one mark and table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyRoute {
+    pub mark: u32,
+    pub table: u32,
+}
+
+/// What of a [`PolicyRoute`] is present in the namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoutingState {
+    pub rule_v4: bool,
+    pub rule_v6: bool,
+    pub local_route_v4: bool,
+    pub local_route_v6: bool,
+    pub bypass_source_v6: bool,
+}
+
+impl RoutingState {
+    pub fn complete(&self) -> bool {
+        self.rule_v4
+            && self.rule_v6
+            && self.local_route_v4
+            && self.local_route_v6
+            && self.bypass_source_v6
+    }
+
+    pub fn empty(&self) -> bool {
+        *self == RoutingState::default()
+    }
+}
+
+impl PolicyRoute {
+    /// The lines `ip rule` / `ip route` would show for this policy, for
+    /// `--dry-run` and `rules show`.
+    pub fn describe(&self) -> Vec<String> {
+        let PolicyRoute { mark, table } = *self;
+        vec![
+            format!("ip -4 rule add fwmark {mark} lookup {table}"),
+            format!("ip -6 rule add fwmark {mark} lookup {table}"),
+            format!("ip -4 route add local 0.0.0.0/0 dev lo table {table}"),
+            format!("ip -6 route add local ::/0 dev lo table {table}"),
+            format!("ip -6 addr add {BYPASS_SOURCE_V6}/128 dev lo"),
+        ]
+    }
+
+    /// Installs whatever part is missing; installing twice leaves one copy.
+    pub fn install(&self) -> Result<(), Error> {
+        let policy = *self;
+        with_netlink(move |handle| async move {
+            let state = policy.read_with(&handle).await?;
+            if !state.rule_v4 {
+                policy.add_rule(&handle, IpVersion::V4).await?;
+            }
+            if !state.rule_v6 {
+                policy.add_rule(&handle, IpVersion::V6).await?;
+            }
+            for version in [IpVersion::V4, IpVersion::V6] {
+                policy.add_local_route(&handle, version).await?;
+            }
+            if !state.bypass_source_v6 {
+                let add = handle
+                    .address()
+                    .add(LOOPBACK_INDEX, IpAddr::V6(BYPASS_SOURCE_V6), 128)
+                    .execute();
+                ignore_errno(add.await, EEXIST)
+                    .map_err(netlink(format!("add {BYPASS_SOURCE_V6}/128 to lo")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes every rule, route and address of this policy; succeeds when
+    /// nothing is installed.
+    pub fn remove(&self) -> Result<(), Error> {
+        let policy = *self;
+        with_netlink(move |handle| async move {
+            for version in [IpVersion::V4, IpVersion::V6] {
+                for rule in policy.matching_rules(&handle, version).await? {
+                    let del = handle.rule().del(rule).execute().await;
+                    ignore_errno(del, ENOENT).map_err(netlink("delete the fwmark rule"))?;
+                }
+            }
+            for route in policy.local_routes(&handle).await? {
+                let del = handle.route().del(route).execute().await;
+                ignore_errno(del, ESRCH).map_err(netlink("delete the local route"))?;
+            }
+            if let Some(address) = bypass_address(&handle).await? {
+                let del = handle.address().del(address).execute().await;
+                ignore_errno(del, EADDRNOTAVAIL)
+                    .map_err(netlink(format!("remove {BYPASS_SOURCE_V6} from lo")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads back, over netlink, what of this policy is installed.
+    pub fn read(&self) -> Result<RoutingState, Error> {
+        let policy = *self;
+        with_netlink(move |handle| async move { policy.read_with(&handle).await })
+    }
+
+    async fn read_with(&self, handle: &Handle) -> Result<RoutingState, Error> {
+        let routes = self.local_routes(handle).await?;
+        let is_v4 = |r: &&RouteMessage| {
+            r.header.address_family == rtnetlink::packet_route::AddressFamily::Inet
+        };
+        Ok(RoutingState {
+            rule_v4: !self.matching_rules(handle, IpVersion::V4).await?.is_empty(),
+            rule_v6: !self.matching_rules(handle, IpVersion::V6).await?.is_empty(),
+            local_route_v4: routes.iter().any(|r| is_v4(&r)),
+            local_route_v6: routes.iter().any(|r| !is_v4(&r)),
+            bypass_source_v6: bypass_address(handle).await?.is_some(),
+        })
+    }
+
+    async fn add_rule(&self, handle: &Handle, version: IpVersion) -> Result<(), Error> {
+        let request = handle
+            .rule()
+            .add()
+            .fw_mark(self.mark)
+            .table_id(self.table)
+            // Without an explicit action the kernel takes the rule for a no-op.
+            .action(RuleAction::ToTable);
+        let result = match version {
+            IpVersion::V4 => request.v4().execute().await,
+            IpVersion::V6 => request.v6().execute().await,
+        };
+        ignore_errno(result, EEXIST).map_err(netlink(format!(
+            "add the rule 'fwmark {} lookup {}'",
+            self.mark, self.table
+        )))
+    }
+
+    async fn add_local_route(&self, handle: &Handle, version: IpVersion) -> Result<(), Error> {
+        let message = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(LOOPBACK_INDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .output_interface(LOOPBACK_INDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+        };
+        // Replace makes a second install a no-op rather than an EEXIST.
+        handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "add 'local default dev lo table {}'",
+                self.table
+            )))
+    }
+
+    async fn matching_rules(
+        &self,
+        handle: &Handle,
+        version: IpVersion,
+    ) -> Result<Vec<RuleMessage>, Error> {
+        let rules: Vec<RuleMessage> = handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("list ip rules"))?;
+        Ok(rules
+            .into_iter()
+            .filter(|rule| {
+                let mut mark = None;
+                let mut table = u32::from(rule.header.table);
+                for attribute in &rule.attributes {
+                    match attribute {
+                        RuleAttribute::FwMark(m) => mark = Some(*m),
+                        RuleAttribute::Table(t) => table = *t,
+                        _ => {}
+                    }
+                }
+                mark == Some(self.mark) && table == self.table
+            })
+            .collect())
+    }
+
+    async fn local_routes(&self, handle: &Handle) -> Result<Vec<RouteMessage>, Error> {
+        let mut found = Vec::new();
+        // Without NETLINK_GET_STRICT_CHK the kernel dumps every route of the
+        // family; the message only chooses the family.
+        let families = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for filter in families {
+            let routes: Vec<RouteMessage> = handle
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("list routes"))?;
+            found.extend(
+                routes
+                    .into_iter()
+                    .filter(|route| self.is_our_local_route(route)),
+            );
+        }
+        Ok(found)
+    }
+
+    fn is_our_local_route(&self, route: &RouteMessage) -> bool {
+        let mut table = u32::from(route.header.table);
+        let mut oif = None;
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        table == self.table
+            && route.header.kind == RouteType::Local
+            && route.header.destination_prefix_length == 0
+            && oif == Some(LOOPBACK_INDEX)
+    }
+}
+
+async fn bypass_address(handle: &Handle) -> Result<Option<AddressMessage>, Error> {
+    let addresses: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(LOOPBACK_INDEX)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink("list the addresses of lo"))?;
+    Ok(addresses.into_iter().find(|message| {
+        message.attributes.iter().any(|attribute| {
+            matches!(attribute, AddressAttribute::Address(IpAddr::V6(a)) if *a == BYPASS_SOURCE_V6)
+        })
+    }))
+}
+
+fn with_netlink<F, Fut, T>(work: F) -> Result<T, Error>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(Error::Socket)?;
+    runtime.block_on(async move {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+        tokio::spawn(connection);
+        work(handle).await
+    })
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Netlink { what, source }
+}
+
+/// Treats one errno as success: "already there" on add, "already gone" on
+/// delete, which is what makes install and remove idempotent.
+fn ignore_errno(result: Result<(), rtnetlink::Error>, errno: i32) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(rtnetlink::Error::NetlinkError(message))
+            if message.code.map(|code| -code.get()) == Some(errno) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
