@@ -70,12 +70,15 @@ pub struct RunArgs {
 pub enum Mode {
     /// mangle-table TPROXY and policy routing; no conntrack entry per connection.
     Tproxy,
+    /// nat-table REDIRECT, the compatible baseline; one conntrack entry per connection.
+    Redirect,
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Mode::Tproxy => "tproxy",
+            Mode::Redirect => "redirect",
         })
     }
 }

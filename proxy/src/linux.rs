@@ -26,17 +26,21 @@ pub fn bypass_source(family_of: IpAddr) -> IpAddr {
     }
 }
 
-/// A listening socket with `IP_TRANSPARENT`, so TPROXY can hand it
-/// connections addressed to any local or non-local destination.
+/// A listening socket; with `transparent`, `IP_TRANSPARENT` lets TPROXY hand
+/// it connections addressed to any local or non-local destination.
 /// IPv6 listeners are v6-only: IPv4 has its own listener.
-pub fn transparent_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    backlog: i32,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     match addr {
-        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(transparent)?,
         SocketAddr::V6(_) => {
             socket.set_only_v6(true)?;
-            socket.set_ip_transparent_v6(true)?;
+            socket.set_ip_transparent_v6(transparent)?;
         }
     }
     socket.bind(&addr.into())?;
@@ -61,6 +65,19 @@ pub fn local_addr(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
     with_sockref(socket, |s| s.local_addr())?
         .as_socket()
         .ok_or_else(|| io::Error::other("socket has no IP address"))
+}
+
+/// `SO_ORIGINAL_DST` (or its IPv6 twin): the destination conntrack saw
+/// before REDIRECT rewrote it.
+pub fn original_dst(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
+    let local = local_addr(socket)?;
+    let original = with_sockref(socket, |s| match local {
+        SocketAddr::V4(_) => s.original_dst_v4(),
+        SocketAddr::V6(_) => s.original_dst_v6(),
+    })?;
+    original
+        .as_socket()
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned no IP address"))
 }
 
 /// Makes the next close send RST instead of FIN: how a reset from one side

@@ -21,6 +21,9 @@ pub enum Recovered {
     /// `getsockname()` on a socket TPROXY handed over: the kernel kept the
     /// destination.
     SocketName,
+    /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`: the destination before
+    /// REDIRECT rewrote it, kept by conntrack.
+    Conntrack,
 }
 
 /// The client's own address, as the proxy's accepted socket sees it.
@@ -65,15 +68,20 @@ impl Listeners {
     pub fn bind(mode: Mode, port: u16) -> Result<Listeners, Error> {
         match mode {
             Mode::Tproxy => Ok(Listeners {
-                v4: transparent((Ipv4Addr::UNSPECIFIED, port).into(), "IPv4")?,
-                v6: transparent((Ipv6Addr::UNSPECIFIED, port).into(), "IPv6")?,
+                v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), true)?,
+                v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), true)?,
+            }),
+            Mode::Redirect => Ok(Listeners {
+                v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), false)?,
+                v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), false)?,
             }),
         }
     }
 }
 
-fn transparent(addr: SocketAddr, family: &'static str) -> Result<std::net::TcpListener, Error> {
-    linux::transparent_listener(addr, BACKLOG).map_err(|source| match source.raw_os_error() {
+fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, Error> {
+    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+    linux::listener(addr, transparent, BACKLOG).map_err(|source| match source.raw_os_error() {
         Some(libc::EADDRINUSE) => Error::PortInUse {
             port: addr.port(),
             family,
@@ -88,6 +96,10 @@ pub fn original_dst(mode: Mode, accepted: &impl AsRawFd) -> io::Result<OrigDst> 
         Mode::Tproxy => Ok(OrigDst {
             addr: linux::local_addr(accepted)?,
             recovered: Recovered::SocketName,
+        }),
+        Mode::Redirect => Ok(OrigDst {
+            addr: linux::original_dst(accepted)?,
+            recovered: Recovered::Conntrack,
         }),
     }
 }

@@ -1,6 +1,7 @@
-//! Policy routing for TPROXY: `fwmark <mark> lookup <table>` and
-//! `local default dev lo table <table>`, IPv4 and IPv6, plus the IPv6 bypass
-//! source address on `lo`, all over rtnetlink in the namespace sluice runs in.
+//! Routing state over rtnetlink, in the namespace sluice runs in: TPROXY's
+//! policy routing (`fwmark <mark> lookup <table>` and `local default dev lo
+//! table <table>`, IPv4 and IPv6), and the IPv6 bypass source address on `lo`
+//! that every mode's upstream connections come from.
 //!
 //! The API is synchronous: each call opens a netlink socket on a private
 //! current-thread runtime. The socket belongs to the namespace of the calling
@@ -49,16 +50,11 @@ pub struct RoutingState {
     pub rule_v6: bool,
     pub local_route_v4: bool,
     pub local_route_v6: bool,
-    pub bypass_source_v6: bool,
 }
 
 impl RoutingState {
     pub fn complete(&self) -> bool {
-        self.rule_v4
-            && self.rule_v6
-            && self.local_route_v4
-            && self.local_route_v6
-            && self.bypass_source_v6
+        self.rule_v4 && self.rule_v6 && self.local_route_v4 && self.local_route_v6
     }
 
     pub fn empty(&self) -> bool {
@@ -76,7 +72,6 @@ impl PolicyRoute {
             format!("ip -6 rule add fwmark {mark} lookup {table}"),
             format!("ip -4 route add local 0.0.0.0/0 dev lo table {table}"),
             format!("ip -6 route add local ::/0 dev lo table {table}"),
-            format!("ip -6 addr add {BYPASS_SOURCE_V6}/128 dev lo"),
         ]
     }
 
@@ -94,20 +89,12 @@ impl PolicyRoute {
             for version in [IpVersion::V4, IpVersion::V6] {
                 policy.add_local_route(&handle, version).await?;
             }
-            if !state.bypass_source_v6 {
-                let add = handle
-                    .address()
-                    .add(LOOPBACK_INDEX, IpAddr::V6(BYPASS_SOURCE_V6), 128)
-                    .execute();
-                ignore_errno(add.await, EEXIST)
-                    .map_err(netlink(format!("add {BYPASS_SOURCE_V6}/128 to lo")))?;
-            }
             Ok(())
         })
     }
 
-    /// Removes every rule, route and address of this policy; succeeds when
-    /// nothing is installed.
+    /// Removes every rule and route of this policy; succeeds when nothing is
+    /// installed.
     pub fn remove(&self) -> Result<(), Error> {
         let policy = *self;
         with_netlink(move |handle| async move {
@@ -120,11 +107,6 @@ impl PolicyRoute {
             for route in policy.local_routes(&handle).await? {
                 let del = handle.route().del(route).execute().await;
                 ignore_errno(del, ESRCH).map_err(netlink("delete the local route"))?;
-            }
-            if let Some(address) = bypass_address(&handle).await? {
-                let del = handle.address().del(address).execute().await;
-                ignore_errno(del, EADDRNOTAVAIL)
-                    .map_err(netlink(format!("remove {BYPASS_SOURCE_V6} from lo")))?;
             }
             Ok(())
         })
@@ -146,7 +128,6 @@ impl PolicyRoute {
             rule_v6: !self.matching_rules(handle, IpVersion::V6).await?.is_empty(),
             local_route_v4: routes.iter().any(|r| is_v4(&r)),
             local_route_v6: routes.iter().any(|r| !is_v4(&r)),
-            bypass_source_v6: bypass_address(handle).await?.is_some(),
         })
     }
 
@@ -266,6 +247,45 @@ impl PolicyRoute {
             && route.header.kind == RouteType::Local
             && route.header.destination_prefix_length == 0
             && oif == Some(LOOPBACK_INDEX)
+    }
+}
+
+/// The IPv6 bypass source (`::6/128` on `lo`). 127.0.0.6 needs no such
+/// thing: all of 127.0.0.0/8 is local already.
+pub struct BypassSource;
+
+impl BypassSource {
+    pub fn describe() -> String {
+        format!("ip -6 addr add {BYPASS_SOURCE_V6}/128 dev lo")
+    }
+
+    pub fn install() -> Result<(), Error> {
+        with_netlink(|handle| async move {
+            if bypass_address(&handle).await?.is_some() {
+                return Ok(());
+            }
+            let add = handle
+                .address()
+                .add(LOOPBACK_INDEX, IpAddr::V6(BYPASS_SOURCE_V6), 128)
+                .execute();
+            ignore_errno(add.await, EEXIST)
+                .map_err(netlink(format!("add {BYPASS_SOURCE_V6}/128 to lo")))
+        })
+    }
+
+    pub fn remove() -> Result<(), Error> {
+        with_netlink(|handle| async move {
+            if let Some(address) = bypass_address(&handle).await? {
+                let del = handle.address().del(address).execute().await;
+                ignore_errno(del, EADDRNOTAVAIL)
+                    .map_err(netlink(format!("remove {BYPASS_SOURCE_V6} from lo")))?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn present() -> Result<bool, Error> {
+        with_netlink(|handle| async move { Ok(bypass_address(&handle).await?.is_some()) })
     }
 }
 

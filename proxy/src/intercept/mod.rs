@@ -3,6 +3,7 @@
 //! tools), applied in one transaction per family, and rolled back if a later
 //! step fails, so an error leaves nothing half-installed.
 
+pub mod redirect;
 pub mod rules;
 pub mod tproxy;
 
@@ -10,8 +11,11 @@ use std::fmt::Write as _;
 
 use crate::config::{Mode, Policy};
 use crate::linux;
-use crate::routing::{self, PolicyRoute, RoutingState};
+use crate::routing::{self, BypassSource, PolicyRoute, RoutingState};
 use rules::{Family, RuleSet};
+
+/// Every netfilter table any mode puts chains in.
+const TABLES: [&str; 2] = ["mangle", "nat"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +43,10 @@ impl Plan {
                 rule_sets: Family::BOTH.map(|f| tproxy::rule_set(policy, f)).to_vec(),
                 route: Some(tproxy::policy_route(policy)),
             },
+            Mode::Redirect => Plan {
+                rule_sets: Family::BOTH.map(|f| redirect::rule_set(policy, f)).to_vec(),
+                route: None,
+            },
         }
     }
 
@@ -61,6 +69,9 @@ impl Plan {
                 out.push('\n');
             }
         }
+        out += "# bypass source of sluice's upstream connections (rtnetlink)\n";
+        out += &BypassSource::describe();
+        out.push('\n');
         out
     }
 
@@ -69,19 +80,27 @@ impl Plan {
         let mut applied = Vec::new();
         let result = self.install_steps(&mut applied);
         if result.is_err() {
-            for family in applied {
-                let table = self.table_of(family);
-                let _ = remove_rules(family, table);
+            for set in self
+                .rule_sets
+                .iter()
+                .filter(|s| applied.contains(&s.family))
+            {
+                let _ = remove_rules(set.family, set.table);
             }
             if let Some(route) = &self.route {
                 let _ = route.remove();
             }
+            let _ = BypassSource::remove();
         }
         result
     }
 
     fn install_steps(&self, applied: &mut Vec<Family>) -> Result<(), Error> {
         for set in &self.rule_sets {
+            // One mode at a time: another mode's chains would intercept first.
+            for table in TABLES.into_iter().filter(|t| *t != set.table) {
+                remove_rules(set.family, table)?;
+            }
             let installed = RuleSet::read_installed(set.family, set.table)?;
             RuleSet::apply(set.family, &set.install_script(&installed))?;
             applied.push(set.family);
@@ -89,19 +108,23 @@ impl Plan {
         if let Some(route) = &self.route {
             route.install()?;
         }
+        BypassSource::install()?;
         Ok(())
     }
 
-    /// Removes every sluice chain, hook and route, whatever flags installed
-    /// them; succeeds when nothing is installed.
+    /// Removes every sluice chain, hook and route, whatever mode and flags
+    /// installed them; succeeds when nothing is installed.
     pub fn remove(&self) -> Result<(), Error> {
         preflight()?;
-        for set in &self.rule_sets {
-            remove_rules(set.family, set.table)?;
+        for family in Family::BOTH {
+            for table in TABLES {
+                remove_rules(family, table)?;
+            }
         }
         if let Some(route) = &self.route {
             route.remove()?;
         }
+        BypassSource::remove()?;
         Ok(())
     }
 
@@ -119,14 +142,23 @@ impl Plan {
             wanted: self.clone(),
             installed,
             routing,
+            bypass_source: BypassSource::present()?,
         })
     }
+}
 
-    fn table_of(&self, family: Family) -> &'static str {
-        self.rule_sets
-            .iter()
-            .find(|s| s.family == family)
-            .map_or("mangle", |s| s.table)
+/// The RETURN rules every mode puts before its interception rules, in the
+/// same order: interfaces, client CIDRs of this family, ports.
+fn push_exclusions(set: &mut RuleSet, chain: &str, policy: &Policy, family: Family) {
+    for interface in &policy.exclude_interfaces {
+        set.push(chain, format!("-i {interface} -j RETURN"));
+    }
+    let same_family = |cidr: &&ipnet::IpNet| cidr.addr().is_ipv4() == (family == Family::V4);
+    for cidr in policy.exclude_cidrs.iter().filter(same_family) {
+        set.push(chain, format!("-s {cidr} -j RETURN"));
+    }
+    for port in &policy.exclude_ports {
+        set.push(chain, format!("-p tcp -m tcp --dport {port} -j RETURN"));
     }
 }
 
@@ -152,15 +184,20 @@ pub struct Status {
     wanted: Plan,
     installed: Vec<RuleSet>,
     routing: Option<RoutingState>,
+    bypass_source: bool,
 }
 
 impl Status {
     pub fn nothing_installed(&self) -> bool {
-        self.installed.iter().all(RuleSet::is_empty) && self.routing.is_none_or(|r| r.empty())
+        self.installed.iter().all(RuleSet::is_empty)
+            && self.routing.is_none_or(|r| r.empty())
+            && !self.bypass_source
     }
 
     pub fn matches(&self) -> bool {
-        self.installed == self.wanted.rule_sets && self.routing.is_none_or(|r| r.complete())
+        self.installed == self.wanted.rule_sets
+            && self.routing.is_none_or(|r| r.complete())
+            && self.bypass_source
     }
 }
 
@@ -196,12 +233,13 @@ impl std::fmt::Display for Status {
             writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;
             writeln!(f, "local route v4: {}", present(state.local_route_v4))?;
             writeln!(f, "local route v6: {}", present(state.local_route_v6))?;
-            writeln!(
-                f,
-                "bypass source ::6 on lo: {}",
-                present(state.bypass_source_v6)
-            )?;
         }
+        let present = if self.bypass_source {
+            "present"
+        } else {
+            "missing"
+        };
+        writeln!(f, "bypass source ::6 on lo: {present}")?;
         let verdict = if self.nothing_installed() {
             "not installed"
         } else if self.matches() {

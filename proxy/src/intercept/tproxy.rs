@@ -41,16 +41,7 @@ pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
         ),
     );
     set.push(ENTRY, format!("-s {bypass} -i lo -j RETURN"));
-    for interface in &policy.exclude_interfaces {
-        set.push(ENTRY, format!("-i {interface} -j RETURN"));
-    }
-    let same_family = |cidr: &&ipnet::IpNet| cidr.addr().is_ipv4() == (family == Family::V4);
-    for cidr in policy.exclude_cidrs.iter().filter(same_family) {
-        set.push(ENTRY, format!("-s {cidr} -j RETURN"));
-    }
-    for port in &policy.exclude_ports {
-        set.push(ENTRY, format!("-p tcp -m tcp --dport {port} -j RETURN"));
-    }
+    super::push_exclusions(&mut set, ENTRY, policy, family);
     let tproxy = format!(
         "-j TPROXY --on-port {} --on-ip {any} --tproxy-mark {:#x}/0xffffffff",
         policy.proxy_port, policy.mark

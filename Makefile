@@ -1,0 +1,52 @@
+# sluice — the two commands that matter: `make bench` and `make test`.
+# Both install what they need (apt packages) when it is missing; run as root.
+
+CARGO ?= cargo
+APT_PACKAGES := iptables iproute2 conntrack
+BENCH_PACKAGES := haproxy
+
+.PHONY: all deps bench-deps build test lint bench clean check-leftovers
+
+all: build
+
+# Installs the Debian packages the tests need, only when one is missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+bench-deps: deps
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build:
+	$(CARGO) build --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every test, the namespace ones included; then proof that none was left behind.
+test: deps lint
+	$(CARGO) test --workspace
+	@$(MAKE) --no-print-directory check-leftovers
+
+check-leftovers:
+	@left=$$(ip netns list | awk '{print $$1}' | grep '^sl-' || true); \
+	if [ -n "$$left" ]; then echo "network namespaces left behind: $$left"; exit 1; fi
+
+# The comparison: BENCH_PROFILE=smoke|quick|default.
+bench: bench-deps
+	$(CARGO) build --release --workspace
+	./target/release/sluice-bench --sluice ./target/release/sluice --out results
+	@$(MAKE) --no-print-directory check-leftovers
+
+clean:
+	$(CARGO) clean

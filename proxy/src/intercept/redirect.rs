@@ -1,0 +1,42 @@
+//! REDIRECT interception, the compatible baseline: nat-table rules rewrite
+//! the destination to the proxy port, and the proxy asks conntrack for the
+//! original one (`SO_ORIGINAL_DST`). Every intercepted connection costs a
+//! conntrack entry; that is the point of comparing it with TPROXY.
+//!
+//! ```text
+//! nat PREROUTING -p tcp -> SLUICE_PREROUTING
+//!   1. sluice's own upstream connection (from the bypass source on lo) -> RETURN
+//!   2. excluded interfaces, source CIDRs, destination ports -> RETURN
+//!   3. intercepted ports -> REDIRECT --to-ports <proxy-port>
+//! ```
+//!
+//! nat rules see only the first packet of a connection, so no divert rule is
+//! needed; conntrack applies the rewrite to the rest.
+
+use crate::config::{Policy, Ports};
+use crate::intercept::rules::{Family, RuleSet};
+use crate::linux::{BYPASS_SOURCE_V4, BYPASS_SOURCE_V6};
+
+const TABLE: &str = "nat";
+const ENTRY: &str = "SLUICE_PREROUTING";
+
+pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
+    let bypass = match family {
+        Family::V4 => format!("{BYPASS_SOURCE_V4}/32"),
+        Family::V6 => format!("{BYPASS_SOURCE_V6}/128"),
+    };
+    let mut set = RuleSet::new(family, TABLE);
+    set.push("PREROUTING", format!("-p tcp -j {ENTRY}"));
+    set.push(ENTRY, format!("-s {bypass} -i lo -j RETURN"));
+    super::push_exclusions(&mut set, ENTRY, policy, family);
+    let redirect = format!("-j REDIRECT --to-ports {}", policy.proxy_port);
+    match &policy.ports {
+        Ports::All => set.push(ENTRY, format!("-p tcp {redirect}")),
+        Ports::List(ports) => {
+            for port in ports {
+                set.push(ENTRY, format!("-p tcp -m tcp --dport {port} {redirect}"));
+            }
+        }
+    }
+    set
+}

@@ -1,0 +1,284 @@
+//! Fixtures for the end-to-end tests: a client ⇄ pod topology (netlab), a
+//! workload served from the test process inside the pod namespace, and a
+//! `sluice` process running in the pod namespace. Everything is torn down on
+//! drop, also when a test panics.
+
+#![allow(dead_code)] // each test binary uses its own part of the fixtures
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use netlab::{ClientPod, Netns, Proc};
+
+pub const BYPASS_V4: &str = "127.0.0.6";
+pub const BYPASS_V6: &str = "::6";
+/// Upper bound for any single wait in a test, so a hang fails instead of
+/// blocking CI. Not a speed assertion.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn pod_v4(port: u16) -> SocketAddr {
+    SocketAddr::new(ClientPod::POD_V4.into(), port)
+}
+
+pub fn pod_v6(port: u16) -> SocketAddr {
+    SocketAddr::new(ClientPod::POD_V6.into(), port)
+}
+
+pub fn conntrack_count(ns: &Netns) -> u64 {
+    let count = ns
+        .sysctl_get("net.netfilter.nf_conntrack_count")
+        .expect("read nf_conntrack_count in the pod namespace");
+    count.parse().expect("nf_conntrack_count is a number")
+}
+
+/// What the workload does with a connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Behaviour {
+    /// Echo every byte; after the client's FIN, send [`TRAILER`] (proof that
+    /// the other direction still flows after a half-close), then close.
+    Echo,
+    /// Read one request of `REQUEST.len()` bytes, answer [`REPLY`], close
+    /// first (so the TIME_WAIT lands on the proxy side).
+    ReplyAndClose,
+}
+
+pub const TRAILER: &[u8] = b"<eof seen>";
+pub const REQUEST: &[u8] = b"ping....";
+pub const REPLY: &[u8] = b"pong";
+
+/// A TCP server in the pod namespace, served by threads of the test process;
+/// it counts who connected, so a test can tell connections that came through
+/// sluice (from the bypass source) from those that did not.
+pub struct Workload {
+    listeners: Vec<TcpListener>,
+    stopping: Arc<AtomicBool>,
+    pub via_sluice: Arc<AtomicU64>,
+    pub direct: Arc<AtomicU64>,
+    pub peers: Arc<Mutex<Vec<IpAddr>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    pub fn start(pod: &Netns, port: u16, behaviour: Behaviour, threads: usize) -> Workload {
+        let listeners: Vec<TcpListener> = pod.run(|| {
+            [pod_v4(port), pod_v6(port)]
+                .into_iter()
+                .map(|addr| TcpListener::bind(addr).expect("workload bind in pod ns"))
+                .collect()
+        });
+        let mut workload = Workload {
+            listeners,
+            stopping: Arc::new(AtomicBool::new(false)),
+            via_sluice: Arc::default(),
+            direct: Arc::default(),
+            peers: Arc::default(),
+            threads: Vec::new(),
+        };
+        for listener in &workload.listeners {
+            for _ in 0..threads {
+                let listener = listener.try_clone().expect("clone workload listener");
+                let (stopping, via, direct, peers) = (
+                    workload.stopping.clone(),
+                    workload.via_sluice.clone(),
+                    workload.direct.clone(),
+                    workload.peers.clone(),
+                );
+                workload.threads.push(std::thread::spawn(move || loop {
+                    let Ok((stream, peer)) = listener.accept() else {
+                        if stopping.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        continue;
+                    };
+                    let bypass = [BYPASS_V4, BYPASS_V6].contains(&peer.ip().to_string().as_str());
+                    if bypass { &via } else { &direct }.fetch_add(1, Ordering::SeqCst);
+                    if !bypass {
+                        peers.lock().unwrap().push(peer.ip());
+                    }
+                    match behaviour {
+                        Behaviour::Echo => {
+                            std::thread::spawn(move || echo(stream));
+                        }
+                        Behaviour::ReplyAndClose => reply_and_close(stream),
+                    }
+                }));
+            }
+        }
+        workload
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.via_sluice.load(Ordering::SeqCst) + self.direct.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // shutdown() on a listening socket wakes every blocked accept().
+        for listener in &self.listeners {
+            let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Both);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = stream.write_all(TRAILER);
+}
+
+fn reply_and_close(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(PATIENCE));
+    let mut request = [0u8; REQUEST.len()];
+    if stream.read_exact(&mut request).is_ok() {
+        let _ = stream.write_all(REPLY);
+    }
+}
+
+/// A `sluice` process in the pod namespace. Its log lines are collected; it
+/// is stopped with SIGTERM on drop (which removes rules it installed).
+pub struct Sluice {
+    process: Option<Proc>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sluice {
+    /// Starts `sluice run <args>` and waits until it says it is ready.
+    pub fn run(pod: &Netns, args: &[&str]) -> Sluice {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
+            .arg("run")
+            .args(args)
+            .arg("--workers")
+            .arg("2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = pod.spawn(&mut command).expect("spawn sluice in the pod ns");
+        let stderr = process
+            .child_mut()
+            .stderr
+            .take()
+            .expect("sluice stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("sluice ready") {
+                    let _ = ready_tx.send(());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let sluice = Sluice {
+            process: Some(process),
+            log,
+        };
+        if ready_rx.recv_timeout(PATIENCE).is_err() {
+            panic!("sluice did not become ready; its log:\n{}", sluice.log());
+        }
+        sluice
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) until a log line contains every one of `needles`.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::time::Instant::now() < deadline {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no log line with {needles:?}; log:\n{}", self.log());
+    }
+
+    pub fn stop(mut self) -> String {
+        if let Some(process) = self.process.take() {
+            let status = process.stop().expect("stop sluice");
+            assert!(
+                status.success(),
+                "sluice exited with {status}; log:\n{}",
+                self.log()
+            );
+        }
+        self.log()
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        drop(self.process.take());
+    }
+}
+
+/// Runs a `sluice` subcommand in `ns` to completion.
+pub fn sluice_cli(ns: &Netns, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command.args(args);
+    ns.output(&mut command).expect("run sluice")
+}
+
+/// A client socket made in the client namespace.
+pub fn connect(client: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = client.run(|| TcpStream::connect_timeout(&to, PATIENCE))?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    Ok(stream)
+}
+
+/// Sends `payload`, half-closes, and returns everything received until the
+/// peer closed.
+pub fn exchange(mut stream: TcpStream, payload: Vec<u8>) -> Vec<u8> {
+    let mut writer = stream.try_clone().expect("clone client stream");
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&payload).expect("client write");
+        writer.shutdown(Shutdown::Write).expect("client half-close");
+    });
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).expect("client read");
+    sender.join().expect("sender thread");
+    received
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}

@@ -1,0 +1,339 @@
+//! End to end, on the real kernel, for every interception mode: a client
+//! namespace connects to a workload in a pod namespace, the rules installed
+//! by `sluice run --install-rules` catch the connection, and sluice forwards
+//! it. The suite is the same for each mode; only the conntrack expectation
+//! differs (TPROXY: none; REDIRECT: one entry per connection).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::*;
+use netlab::ClientPod;
+
+const PORT: u16 = 9080;
+const OTHER_PORT: u16 = 9081;
+
+/// What a mode does to the pod's conntrack table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Conntrack {
+    /// Not one entry, ever: the point of TPROXY.
+    None,
+    /// An entry per intercepted connection: NAT needs it.
+    PerConnection,
+}
+
+fn start(mode: &str, topology: &ClientPod, ports: &str) -> Sluice {
+    Sluice::run(
+        &topology.pod,
+        &["--mode", mode, "--ports", ports, "--install-rules"],
+    )
+}
+
+fn assert_conntrack(topology: &ClientPod, expected: Conntrack) {
+    let count = conntrack_count(&topology.pod);
+    match expected {
+        Conntrack::None => assert_eq!(count, 0, "this mode must not create conntrack entries"),
+        Conntrack::PerConnection => assert!(
+            count > 0,
+            "REDIRECT works through conntrack, yet the count is 0"
+        ),
+    }
+}
+
+fn echo_through_sluice(mode: &str, conntrack: Conntrack, to: fn(u16) -> SocketAddr, purpose: &str) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let other = Workload::start(&topology.pod, OTHER_PORT, Behaviour::Echo, 1);
+    let sluice = start(mode, &topology, "9080,9081");
+
+    let payload = random_bytes(1 << 20, 7);
+    let stream = connect(&topology.client, to(PORT)).expect("connect through sluice");
+    // Checked while the connection is open: REDIRECT's entry exists now.
+    assert_conntrack(&topology, conntrack);
+    let received = exchange(stream, payload.clone());
+
+    let (echoed, trailer) = received.split_at(received.len().min(payload.len()));
+    assert!(
+        echoed == payload.as_slice(),
+        "echo differs from the payload ({} bytes back)",
+        received.len()
+    );
+    assert_eq!(
+        trailer, TRAILER,
+        "the reply after the half-close is missing"
+    );
+    assert_eq!(
+        workload.via_sluice.load(Ordering::SeqCst),
+        1,
+        "the workload did not see sluice's bypass source"
+    );
+    assert_eq!(workload.direct.load(Ordering::SeqCst), 0);
+
+    // The original destination is recovered, not guessed: the other port's
+    // workload gets the connection made to it.
+    let stream = connect(&topology.client, to(OTHER_PORT)).expect("connect to the other port");
+    assert_eq!(
+        exchange(stream, b"other".to_vec()),
+        [b"other".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(other.via_sluice.load(Ordering::SeqCst), 1);
+    assert_eq!(workload.connections(), 1);
+    assert_conntrack(&topology, conntrack);
+    sluice.stop();
+}
+
+fn half_close_keeps_the_other_direction_flowing(mode: &str, conntrack: Conntrack, purpose: &str) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let _sluice = start(mode, &topology, "9080");
+
+    let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+    stream.write_all(b"request").expect("write");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    // The workload only sends its trailer after it saw our FIN: receiving it
+    // proves the FIN was passed on while the reply direction stayed open.
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .expect("read after half-close");
+    assert_eq!(reply, [b"request".as_slice(), TRAILER].concat());
+    assert_conntrack(&topology, conntrack);
+}
+
+/// Many short connections from a handful of client ports, the server closing
+/// first: 4-tuples come back while sluice's side of the previous connection
+/// is in TIME_WAIT. Every connection must succeed and pass through sluice.
+fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose: &str) {
+    const CONNECTIONS: u64 = 20_000;
+    const THREADS: u16 = 8;
+    const PORTS_PER_THREAD: u16 = 4;
+    let topology = ClientPod::new(purpose).expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::ReplyAndClose, 4);
+    let sluice = start(mode, &topology, "9080");
+
+    let done = AtomicU64::new(0);
+    let failures = std::sync::Mutex::new(Vec::<String>::new());
+    topology.client.run(|| {
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (done, failures) = (&done, &failures);
+                scope.spawn(move || {
+                    let ports: Vec<u16> = (0..PORTS_PER_THREAD)
+                        .map(|i| 40_000 + thread * PORTS_PER_THREAD + i)
+                        .collect();
+                    let mut next = 0usize;
+                    while done.fetch_add(1, Ordering::SeqCst) < CONNECTIONS {
+                        // A port whose last connection is still closing on
+                        // this side cannot connect again yet: take the next.
+                        let outcome = loop {
+                            let port = ports[next % ports.len()];
+                            next += 1;
+                            match short_connection(port) {
+                                Err(e) if e.kind() == ErrorKind::AddrNotAvailable => continue,
+                                Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+                                other => break other,
+                            }
+                        };
+                        if let Err(error) = outcome {
+                            failures.lock().unwrap().push(error.to_string());
+                        }
+                    }
+                });
+            }
+        });
+    });
+
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} connections failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        workload.direct.load(Ordering::SeqCst),
+        0,
+        "connections reached the workload without sluice (peers {:?})",
+        workload
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(workload.via_sluice.load(Ordering::SeqCst), CONNECTIONS);
+    assert_conntrack(&topology, conntrack);
+    sluice.stop();
+}
+
+fn short_connection(source_port: u16) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(ClientPod::CLIENT_V4.into(), source_port).into())?;
+    socket.set_read_timeout(Some(PATIENCE))?;
+    socket.connect_timeout(&pod_v4(PORT).into(), PATIENCE)?;
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(REQUEST)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    if reply != REPLY {
+        return Err(std::io::Error::other(format!("bad reply {reply:?}")));
+    }
+    Ok(())
+}
+
+fn closed_workload_port_resets_the_client_and_sluice_goes_on(mode: &str, purpose: &str) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let _sluice = start(mode, &topology, "9080,9081");
+
+    // Nothing listens on 9081: sluice accepted, its upstream connect is
+    // refused, and the client must see a reset rather than hang.
+    let mut stream = connect(&topology.client, pod_v4(9081)).expect("the handshake is sluice's");
+    let mut buffer = [0u8; 16];
+    let error = stream
+        .read(&mut buffer)
+        .expect_err("a closed port must not answer");
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+
+    let stream = connect(&topology.client, pod_v4(PORT)).expect("next connection");
+    assert_eq!(
+        exchange(stream, b"still here".to_vec()),
+        [b"still here".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(workload.via_sluice.load(Ordering::SeqCst), 1);
+}
+
+/// TPROXY only: REDIRECT rewrites the destination to a local one by
+/// construction, so a foreign destination cannot reach sluice through it.
+#[test]
+fn tproxy_destination_that_is_not_local_is_refused_and_logged() {
+    let topology = ClientPod::new("relay").expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let sluice = start("tproxy", &topology, "9080");
+    // A destination the pod does not own, routed to the pod: TPROXY still
+    // hands the connection to sluice, which must not relay it anywhere.
+    let elsewhere = Ipv4Addr::new(198, 18, 1, 99);
+    topology
+        .client
+        .add_route(
+            IpAddr::V4(Ipv4Addr::new(198, 18, 1, 0)),
+            24,
+            ClientPod::POD_V4.into(),
+        )
+        .expect("route to the pod");
+
+    let mut stream =
+        connect(&topology.client, SocketAddr::new(elsewhere.into(), PORT)).expect("handshake");
+    let mut buffer = [0u8; 16];
+    let error = stream.read(&mut buffer).expect_err("must be refused");
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+    sluice.wait_for_log(&["refused", "198.18.1.99:9080", "not a local address"]);
+}
+
+fn rules_without_sluice_block_and_removal_restores_direct_access(mode: &str, purpose: &str) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let installed = sluice_cli(
+        &topology.pod,
+        &["rules", "install", "--mode", mode, "--ports", "9080"],
+    );
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+
+    // Interception proven: with nothing on the proxy port, the connection
+    // cannot reach the workload even though the workload listens.
+    // TPROXY drops a SYN when no socket is on the proxy port; REDIRECT
+    // sends it to the closed proxy port, which resets it.
+    let outcome = topology
+        .client
+        .run(|| TcpStream::connect_timeout(&pod_v4(PORT), std::time::Duration::from_secs(2)));
+    assert!(
+        outcome.is_err(),
+        "connection reached the workload despite the rules"
+    );
+    assert_eq!(workload.connections(), 0);
+
+    let removed = sluice_cli(&topology.pod, &["rules", "remove"]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let stream = connect(&topology.client, pod_v4(PORT)).expect("direct connection");
+    assert_eq!(
+        exchange(stream, b"direct".to_vec()),
+        [b"direct".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(workload.direct.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *workload.peers.lock().unwrap(),
+        [IpAddr::from(ClientPod::CLIENT_V4)]
+    );
+}
+
+/// The whole suite for one mode.
+macro_rules! suite {
+    ($mode:ident, $conntrack:expr) => {
+        mod $mode {
+            use super::*;
+            const MODE: &str = stringify!($mode);
+
+            #[test]
+            fn echo_1mib_v4_is_byte_exact_and_reaches_the_original_destination() {
+                echo_through_sluice(MODE, $conntrack, pod_v4, concat!(stringify!($mode), "-e4"));
+            }
+
+            #[test]
+            fn echo_1mib_v6_is_byte_exact_and_reaches_the_original_destination() {
+                echo_through_sluice(MODE, $conntrack, pod_v6, concat!(stringify!($mode), "-e6"));
+            }
+
+            #[test]
+            fn half_close_keeps_the_other_direction_flowing() {
+                super::half_close_keeps_the_other_direction_flowing(
+                    MODE,
+                    $conntrack,
+                    concat!(stringify!($mode), "-half"),
+                );
+            }
+
+            #[test]
+            fn burst_of_20000_connections_reusing_ports_all_go_through_sluice() {
+                burst_of_connections_reusing_ports(
+                    MODE,
+                    $conntrack,
+                    concat!(stringify!($mode), "-burst"),
+                );
+            }
+
+            #[test]
+            fn closed_workload_port_resets_the_client_and_sluice_goes_on() {
+                super::closed_workload_port_resets_the_client_and_sluice_goes_on(
+                    MODE,
+                    concat!(stringify!($mode), "-closed"),
+                );
+            }
+
+            #[test]
+            fn rules_without_sluice_block_and_removal_restores_direct_access() {
+                super::rules_without_sluice_block_and_removal_restores_direct_access(
+                    MODE,
+                    concat!(stringify!($mode), "-norun"),
+                );
+            }
+        }
+    };
+}
+
+suite!(tproxy, Conntrack::None);
+suite!(redirect, Conntrack::PerConnection);
