@@ -7,7 +7,7 @@
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
@@ -29,6 +29,8 @@ pub enum Error {
     Intercept(#[from] intercept::Error),
     #[error("cannot start a worker thread")]
     Worker(#[source] io::Error),
+    #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
+    IoUring(#[source] io::Error),
     #[error("cannot wait for SIGINT/SIGTERM")]
     Signals(#[source] nix::Error),
 }
@@ -67,6 +69,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     };
 
     let stats = Arc::new(Stats::default());
+    let (started_tx, started_rx) = mpsc::channel();
     for index in 0..options.workers {
         let v4 = listeners.v4.try_clone().map_err(Error::Worker)?;
         let v6 = listeners.v6.try_clone().map_err(Error::Worker)?;
@@ -75,10 +78,22 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
             proxy_port: policy.proxy_port,
             stats: stats.clone(),
         };
+        let started = started_tx.clone();
         std::thread::Builder::new()
             .name(format!("sluice-worker-{index}"))
-            .spawn(move || worker.run(v4, v6))
+            .spawn(move || worker.run(v4, v6, started))
             .map_err(Error::Worker)?;
+    }
+    for _ in 0..options.workers {
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(Error::IoUring(error)),
+            Err(_) => {
+                return Err(Error::Worker(io::Error::other(
+                    "a worker thread died at start",
+                )))
+            }
+        }
     }
     info!(
         mode = %policy.mode,
@@ -122,15 +137,29 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, v4: std::net::TcpListener, v6: std::net::TcpListener) {
+    /// Runs the worker's accept loops; reports on `started` whether its
+    /// io_uring runtime came up, so a kernel that refuses io_uring fails
+    /// `sluice run` instead of leaving it alive with no worker.
+    fn run(
+        self,
+        v4: std::net::TcpListener,
+        v6: std::net::TcpListener,
+        started: mpsc::Sender<io::Result<()>>,
+    ) {
+        let runtime = match tokio_uring::Runtime::new(tokio_uring::builder().entries(1024)) {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = started.send(Err(error));
+                return;
+            }
+        };
+        let _ = started.send(Ok(()));
         let worker = Rc::new(self);
-        let started = tokio_uring::builder().entries(1024).start(async move {
+        runtime.block_on(async move {
             let v4 = tokio_uring::spawn(worker.clone().accept_loop(TcpListener::from_std(v4)));
             let v6 = tokio_uring::spawn(worker.accept_loop(TcpListener::from_std(v6)));
             let _ = futures::join!(v4, v6);
         });
-        // `start` returns only if the runtime itself failed to come up.
-        let _ = started;
     }
 
     async fn accept_loop(self: Rc<Self>, listener: TcpListener) {

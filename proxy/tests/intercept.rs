@@ -9,6 +9,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 use netlab::ClientPod;
@@ -116,6 +117,10 @@ fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose:
     let workload = Workload::start(&topology.pod, PORT, Behaviour::ReplyAndClose, 4);
     let sluice = start(mode, &topology, "9080");
 
+    // The whole burst is bounded: a broken interception tends to hang
+    // connections rather than fail them, and that must fail the test, not
+    // stall it.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let done = AtomicU64::new(0);
     let failures = std::sync::Mutex::new(Vec::<String>::new());
     topology.client.run(|| {
@@ -128,6 +133,13 @@ fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose:
                         .collect();
                     let mut next = 0usize;
                     while done.fetch_add(1, Ordering::SeqCst) < CONNECTIONS {
+                        if Instant::now() > deadline {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push("the burst ran out of time".into());
+                            return;
+                        }
                         // A port whose last connection is still closing on
                         // this side cannot connect again yet: take the next.
                         let outcome = loop {
@@ -173,11 +185,12 @@ fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose:
 }
 
 fn short_connection(source_port: u16) -> std::io::Result<()> {
+    const SHORT: Duration = Duration::from_secs(5);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.bind(&SocketAddr::new(ClientPod::CLIENT_V4.into(), source_port).into())?;
-    socket.set_read_timeout(Some(PATIENCE))?;
-    socket.connect_timeout(&pod_v4(PORT).into(), PATIENCE)?;
+    socket.set_read_timeout(Some(SHORT))?;
+    socket.connect_timeout(&pod_v4(PORT).into(), SHORT)?;
     let mut stream: TcpStream = socket.into();
     stream.write_all(REQUEST)?;
     let mut reply = Vec::new();
@@ -194,12 +207,10 @@ fn closed_workload_port_resets_the_client_and_sluice_goes_on(mode: &str, purpose
     let _sluice = start(mode, &topology, "9080,9081");
 
     // Nothing listens on 9081: sluice accepted, its upstream connect is
-    // refused, and the client must see a reset rather than hang.
-    let mut stream = connect(&topology.client, pod_v4(9081)).expect("the handshake is sluice's");
-    let mut buffer = [0u8; 16];
-    let error = stream
-        .read(&mut buffer)
-        .expect_err("a closed port must not answer");
+    // refused, and the client must see a reset rather than hang. The reset
+    // may land before connect() returns, or on the first read.
+    let outcome = connect_then_read(&topology.client, pod_v4(9081));
+    let error = outcome.expect_err("a closed port must not answer");
     assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
 
     let stream = connect(&topology.client, pod_v4(PORT)).expect("next connection");
@@ -229,10 +240,8 @@ fn tproxy_destination_that_is_not_local_is_refused_and_logged() {
         )
         .expect("route to the pod");
 
-    let mut stream =
-        connect(&topology.client, SocketAddr::new(elsewhere.into(), PORT)).expect("handshake");
-    let mut buffer = [0u8; 16];
-    let error = stream.read(&mut buffer).expect_err("must be refused");
+    let outcome = connect_then_read(&topology.client, SocketAddr::new(elsewhere.into(), PORT));
+    let error = outcome.expect_err("must be refused");
     assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
     sluice.wait_for_log(&["refused", "198.18.1.99:9080", "not a local address"]);
 }
@@ -256,7 +265,7 @@ fn rules_without_sluice_block_and_removal_restores_direct_access(mode: &str, pur
     // sends it to the closed proxy port, which resets it.
     let outcome = topology
         .client
-        .run(|| TcpStream::connect_timeout(&pod_v4(PORT), std::time::Duration::from_secs(2)));
+        .run(|| TcpStream::connect_timeout(&pod_v4(PORT), Duration::from_secs(2)));
     assert!(
         outcome.is_err(),
         "connection reached the workload despite the rules"
@@ -337,3 +346,10 @@ macro_rules! suite {
 
 suite!(tproxy, Conntrack::None);
 suite!(redirect, Conntrack::PerConnection);
+
+/// Connects and reads once. A reset may land before connect() returns or on
+/// the read; either way it comes back as the error.
+fn connect_then_read(client: &netlab::Netns, to: SocketAddr) -> std::io::Result<usize> {
+    let mut stream = connect(client, to)?;
+    stream.read(&mut [0u8; 16])
+}

@@ -189,3 +189,13 @@ fn missing_cap_net_admin_is_reported() {
     assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
     assert_clean(&ns);
 }
+
+#[test]
+fn run_refuses_a_proxy_port_in_use_and_installs_nothing() {
+    let ns = Netns::new("inuse").expect("netns");
+    let _holder = ns.run(|| std::net::TcpListener::bind("0.0.0.0:15006").expect("hold the port"));
+    let output = sluice_cli(&ns, &["run", "--ports", "9080", "--install-rules"]);
+    let stderr = failed(&output);
+    assert!(stderr.contains("15006 is already in use"), "{stderr}");
+    assert_clean(&ns);
+}
