@@ -48,7 +48,44 @@ impl Netns {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_stale);
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let name = format!("sl-{purpose}-{}-{n}", process::id());
+        Netns::create(format!("sl-{purpose}-{}-{n}", process::id()))
+    }
+
+    /// A namespace with exactly this name, for a topology a person keeps
+    /// (`netlab up`): `sl-<name>` with no pid in it, so no stale sweep takes
+    /// it. It is still removed on drop unless [`Netns::persist`] is called.
+    pub fn with_name(name: &str) -> Result<Netns> {
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if !name.starts_with("sl-") || name.len() > 64 || !name.chars().all(valid) {
+            return Err(Error::Invalid(format!(
+                "namespace name {name:?}: use sl- and then characters from [A-Za-z0-9_-]"
+            )));
+        }
+        Netns::create(name.to_string())
+    }
+
+    /// Takes over an existing named namespace (e.g. to remove it).
+    pub fn open(name: &str) -> Result<Netns> {
+        let path = Path::new(NETNS_DIR).join(name);
+        let file = fs::File::open(&path)
+            .map_err(|e| Error::os(format!("opening namespace {}", path.display()), e))?;
+        Ok(Netns {
+            name: name.to_string(),
+            fd: file.into(),
+        })
+    }
+
+    /// Gives the namespace up to outlive this guard; returns its name.
+    pub fn persist(self) -> String {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again; the fields are moved
+        // out once, so the fd is closed and the name returned exactly once.
+        let (name, fd) = unsafe { (std::ptr::read(&this.name), std::ptr::read(&this.fd)) };
+        drop(fd);
+        name
+    }
+
+    fn create(name: String) -> Result<Netns> {
         let path = Path::new(NETNS_DIR).join(&name);
         fs::create_dir_all(NETNS_DIR)
             .map_err(|e| Error::os(format!("creating {NETNS_DIR} (netlab needs root)"), e))?;

@@ -25,6 +25,11 @@ impl ClientPod {
     pub fn new(purpose: &str) -> Result<ClientPod> {
         let client = Netns::new(&format!("{purpose}-cli"))?;
         let pod = Netns::new(&format!("{purpose}-pod"))?;
+        ClientPod::wire(client, pod)
+    }
+
+    /// The same topology on two namespaces made by the caller.
+    pub fn wire(client: Netns, pod: Netns) -> Result<ClientPod> {
         veth(&client, Self::CLIENT_IF, &pod, Self::POD_IF)?;
         for (ns, ifname, v4, v6) in [
             (&client, Self::CLIENT_IF, Self::CLIENT_V4, Self::CLIENT_V6),
