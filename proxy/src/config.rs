@@ -61,9 +61,20 @@ pub struct RunArgs {
     /// Install the rules at start and remove them at exit (SIGINT/SIGTERM).
     #[arg(long)]
     pub install_rules: bool,
+    /// How the bytes of a connection are moved between its two sockets.
+    #[arg(long, value_enum, default_value_t = Forwarder::Copy)]
+    pub forward: Forwarder,
     /// Data-path threads, each with its own io_uring runtime [default: one per core].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Forwarder {
+    /// io_uring reads and writes through user-space buffers.
+    Copy,
+    /// socket → pipe → socket in the kernel (splice), readiness from io_uring.
+    Splice,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -10,3 +10,4 @@ pub mod listener;
 pub mod routing;
 pub mod server;
 pub mod upstream;
+mod uring;

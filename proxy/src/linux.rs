@@ -4,7 +4,9 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::fcntl::{OFlag, SpliceFFlags};
 
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
@@ -96,6 +98,44 @@ pub fn set_nodelay(socket: &impl AsRawFd) -> io::Result<()> {
     with_sockref(socket, |s| s.set_tcp_nodelay(true))
 }
 
+/// Puts a socket in non-blocking mode, so that `splice(2)` on it returns
+/// EAGAIN instead of sleeping (TCP's splice looks at the file's O_NONBLOCK,
+/// not at SPLICE_F_NONBLOCK).
+pub fn set_nonblocking(socket: &impl AsRawFd) -> io::Result<()> {
+    with_sockref(socket, |s| s.set_nonblocking(true))
+}
+
+/// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let size = i32::try_from(size).map_err(|_| io::Error::other("pipe size too large"))?;
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size))?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Moves up to `len` bytes from `socket` into the pipe; 0 is end of
+    /// stream.
+    pub fn fill_from(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+        splice(&borrow(socket), &self.write, len)
+    }
+
+    /// Moves up to `len` bytes from the pipe into `socket`.
+    pub fn drain_into(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+        splice(&self.read, &borrow(socket), len)
+    }
+}
+
+fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
+}
+
 /// Whether `ip` is an address of this network namespace: binding to it
 /// succeeds only if so (the TPROXY local table does not count; `bind()`
 /// looks at the real local table).
@@ -137,8 +177,12 @@ fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
 }
 
 fn with_sockref<T>(socket: &impl AsRawFd, f: impl FnOnce(SockRef<'_>) -> T) -> T {
-    // SAFETY: the descriptor is owned by `socket`, which outlives this call,
-    // and SockRef never closes what it borrows.
-    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
-    f(SockRef::from(&fd))
+    f(SockRef::from(&borrow(socket)))
+}
+
+/// tokio-uring's sockets give only raw descriptors.
+fn borrow(socket: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is owned by `socket`, which the returned borrow
+    // cannot outlive, and a BorrowedFd never closes what it borrows.
+    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
 }

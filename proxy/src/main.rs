@@ -33,6 +33,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 .map_or_else(server::default_workers, usize::from);
             server::run(RunOptions {
                 policy,
+                forwarder: args.forward,
                 install_rules: args.install_rules,
                 workers,
             })

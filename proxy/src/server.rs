@@ -14,7 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::config::{Mode, Policy};
+use crate::config::{Forwarder, Mode, Policy};
 use crate::forward::{self, End};
 use crate::intercept::{self, Plan};
 use crate::linux;
@@ -46,6 +46,7 @@ pub struct Stats {
 
 pub struct RunOptions {
     pub policy: Policy,
+    pub forwarder: Forwarder,
     pub install_rules: bool,
     pub workers: usize,
 }
@@ -75,6 +76,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         let v6 = listeners.v6.try_clone().map_err(Error::Worker)?;
         let worker = Worker {
             mode: policy.mode,
+            forwarder: options.forwarder,
             proxy_port: policy.proxy_port,
             stats: stats.clone(),
         };
@@ -97,6 +99,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     }
     info!(
         mode = %policy.mode,
+        forward = ?options.forwarder,
         port = policy.proxy_port,
         workers = options.workers,
         rules = options.install_rules,
@@ -132,6 +135,7 @@ impl Drop for InstalledRules {
 #[derive(Clone)]
 struct Worker {
     mode: Mode,
+    forwarder: Forwarder,
     proxy_port: u16,
     stats: Arc<Stats>,
 }
@@ -201,7 +205,13 @@ impl Worker {
                 return;
             }
         };
-        let forwarded = forward::copy::forward(&client, &upstream).await;
+        let forwarded = match forward::forward(self.forwarder, &client, &upstream).await {
+            Ok(forwarded) => forwarded,
+            Err(error) => {
+                warn!(client = %peer, %error, "forwarder could not start; connection reset");
+                return;
+            }
+        };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         for (side, direction) in [
             ("client", &forwarded.upstream),

@@ -9,7 +9,6 @@ use std::net::Shutdown;
 use tokio_uring::net::TcpStream;
 
 use super::{Direction, End, Forwarded};
-use crate::linux;
 
 const INITIAL_BUFFER: usize = 4 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -43,7 +42,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
             }
             Ok(n) => n,
             Err(error) => {
-                abort(to);
+                super::abort(to);
                 return Direction {
                     bytes,
                     end: End::ReadFailed(error),
@@ -54,7 +53,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
         let (written, returned) = to.write_all(buffer).await;
         buffer = returned;
         if let Err(error) = written {
-            abort(from);
+            super::abort(from);
             return Direction {
                 bytes,
                 end: End::WriteFailed(error),
@@ -66,12 +65,4 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
             buffer = Vec::with_capacity(grown);
         }
     }
-}
-
-/// Passes a failure on to the peer behind `socket`: its close becomes a
-/// reset, and the direction reading from it wakes up (end of stream) so the
-/// connection can finish and close.
-fn abort(socket: &TcpStream) {
-    let _ = linux::reset_on_close(socket);
-    let _ = linux::shutdown_read(socket);
 }

@@ -5,8 +5,14 @@
 //! reset, both sockets closed at the end.
 
 pub mod copy;
+pub mod splice;
 
 use std::io;
+
+use tokio_uring::net::TcpStream;
+
+use crate::config::Forwarder;
+use crate::linux;
 
 /// How one direction of a connection ended.
 #[derive(Debug)]
@@ -34,4 +40,31 @@ pub struct Forwarded {
     pub upstream: Direction,
     /// workload → client
     pub downstream: Direction,
+}
+
+/// Forwards both directions of a connection with the chosen forwarder until
+/// both have ended. An error means the forwarder could not start; both
+/// sockets are then reset.
+pub async fn forward(
+    forwarder: Forwarder,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> io::Result<Forwarded> {
+    let forwarded = match forwarder {
+        Forwarder::Copy => Ok(copy::forward(client, upstream).await),
+        Forwarder::Splice => splice::forward(client, upstream).await,
+    };
+    if forwarded.is_err() {
+        abort(client);
+        abort(upstream);
+    }
+    forwarded
+}
+
+/// Passes a failure on to the peer behind `socket`: its close becomes a
+/// reset, and the direction reading from it wakes up (end of stream) so the
+/// connection can finish and close.
+fn abort(socket: &TcpStream) {
+    let _ = linux::reset_on_close(socket);
+    let _ = linux::shutdown_read(socket);
 }

@@ -44,11 +44,17 @@ pub enum Behaviour {
     /// Read one request of `REQUEST.len()` bytes, answer [`REPLY`], close
     /// first (so the TIME_WAIT lands on the proxy side).
     ReplyAndClose,
+    /// Send [`GREETING`] and half-close at once, then read until the client
+    /// closes; the bytes read are added to `Workload::drained`.
+    GreetThenDrain,
+    /// Read this many bytes, then reset the connection.
+    ResetAfter(usize),
 }
 
 pub const TRAILER: &[u8] = b"<eof seen>";
 pub const REQUEST: &[u8] = b"ping....";
 pub const REPLY: &[u8] = b"pong";
+pub const GREETING: &[u8] = b"hello, then FIN";
 
 /// A TCP server in the pod namespace, served by threads of the test process;
 /// it counts who connected, so a test can tell connections that came through
@@ -59,6 +65,10 @@ pub struct Workload {
     pub via_sluice: Arc<AtomicU64>,
     pub direct: Arc<AtomicU64>,
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
+    /// Bytes read by `GreetThenDrain` connections that ended.
+    pub drained: Arc<AtomicU64>,
+    /// Connections whose end (FIN or reset) the workload saw.
+    pub ended: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -76,6 +86,8 @@ impl Workload {
             via_sluice: Arc::default(),
             direct: Arc::default(),
             peers: Arc::default(),
+            drained: Arc::default(),
+            ended: Arc::default(),
             threads: Vec::new(),
         };
         for listener in &workload.listeners {
@@ -87,6 +99,7 @@ impl Workload {
                     workload.direct.clone(),
                     workload.peers.clone(),
                 );
+                let (drained, ended) = (workload.drained.clone(), workload.ended.clone());
                 workload.threads.push(std::thread::spawn(move || loop {
                     let Ok((stream, peer)) = listener.accept() else {
                         if stopping.load(Ordering::SeqCst) {
@@ -104,6 +117,16 @@ impl Workload {
                             std::thread::spawn(move || echo(stream));
                         }
                         Behaviour::ReplyAndClose => reply_and_close(stream),
+                        Behaviour::GreetThenDrain => {
+                            let (drained, ended) = (drained.clone(), ended.clone());
+                            std::thread::spawn(move || {
+                                drained.fetch_add(greet_then_drain(stream), Ordering::SeqCst);
+                                ended.fetch_add(1, Ordering::SeqCst);
+                            });
+                        }
+                        Behaviour::ResetAfter(limit) => {
+                            std::thread::spawn(move || reset_after(stream, limit));
+                        }
                     }
                 }));
             }
@@ -143,6 +166,25 @@ fn echo(mut stream: TcpStream) {
         }
     }
     let _ = stream.write_all(TRAILER);
+}
+
+fn greet_then_drain(mut stream: TcpStream) -> u64 {
+    if stream.write_all(GREETING).is_err() || stream.shutdown(Shutdown::Write).is_err() {
+        return 0;
+    }
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    // Ends on FIN (0) or on a reset (error): either way the end was seen.
+    while let Ok(n @ 1..) = stream.read(&mut buffer) {
+        total += n as u64;
+    }
+    total
+}
+
+fn reset_after(mut stream: TcpStream, limit: usize) {
+    let mut buffer = vec![0u8; limit];
+    let _ = stream.read_exact(&mut buffer);
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
 fn reply_and_close(mut stream: TcpStream) {
@@ -197,6 +239,10 @@ impl Sluice {
             panic!("sluice did not become ready; its log:\n{}", sluice.log());
         }
         sluice
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Proc::pid)
     }
 
     pub fn log(&self) -> String {
