@@ -1,6 +1,7 @@
 # sluice — the two commands that matter: `make bench` and `make test`.
 # Both install what they need (apt packages) when it is missing; run as root.
 
+SHELL := /bin/bash
 CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack
 BENCH_PACKAGES := haproxy
@@ -35,8 +36,9 @@ lint:
 
 # Every test, the namespace ones included; then proof that none was left behind.
 test: deps lint
-	$(CARGO) test --workspace
+	@mkdir -p target; set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@$(MAKE) --no-print-directory check-leftovers
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
 
 check-leftovers:
 	@left=$$(ip netns list | awk '{print $$1}' | grep '^sl-' || true); \
