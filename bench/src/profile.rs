@@ -1,0 +1,121 @@
+//! How big and how long each load is, per profile.
+
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::load::{bulk, crr, hold, rr};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileName {
+    /// Seconds in total: proves the pipeline works (the smoke test).
+    Smoke,
+    /// A minute or two.
+    Quick,
+    /// About ten minutes on two cores: the committed results.
+    Default,
+}
+
+impl std::fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.to_possible_value().ok_or(std::fmt::Error)?;
+        f.write_str(value.get_name())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub name: ProfileName,
+    pub rr: rr::Params,
+    pub crr: crr::Params,
+    pub bulk: Vec<bulk::Params>,
+    pub hold: hold::Params,
+}
+
+impl Profile {
+    pub fn new(name: ProfileName) -> Profile {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        match name {
+            ProfileName::Smoke => Profile {
+                name,
+                rr: rr::Params {
+                    connections: 2,
+                    rate: 400.0,
+                    duration: ms(700),
+                    warmup: 5,
+                },
+                crr: crr::Params {
+                    clients: 2,
+                    duration: ms(500),
+                },
+                bulk: bulk_params(ms(400)),
+                hold: hold::Params {
+                    connections: 200,
+                    steps: 4,
+                    hold: ms(300),
+                    parallel: 64,
+                },
+            },
+            ProfileName::Quick => Profile {
+                name,
+                rr: rr::Params {
+                    connections: 16,
+                    rate: 4000.0,
+                    duration: s(8),
+                    warmup: 50,
+                },
+                crr: crr::Params {
+                    clients: 8,
+                    duration: s(5),
+                },
+                bulk: bulk_params(s(3)),
+                hold: hold::Params {
+                    connections: 2000,
+                    steps: 5,
+                    hold: s(1),
+                    parallel: 128,
+                },
+            },
+            ProfileName::Default => Profile {
+                name,
+                rr: rr::Params {
+                    connections: 32,
+                    rate: 8000.0,
+                    duration: s(45),
+                    warmup: 100,
+                },
+                crr: crr::Params {
+                    clients: 16,
+                    duration: s(20),
+                },
+                bulk: bulk_params(s(15)),
+                hold: hold::Params {
+                    connections: 10_000,
+                    steps: 10,
+                    hold: s(3),
+                    parallel: 256,
+                },
+            },
+        }
+    }
+
+    /// The most connections any load holds at once (RLIMIT_NOFILE, HAProxy's
+    /// maxconn).
+    pub fn max_connections(&self) -> usize {
+        let bulk = self.bulk.iter().map(|b| b.streams).max().unwrap_or(0);
+        self.hold
+            .connections
+            .max(self.rr.connections)
+            .max(self.crr.clients)
+            .max(bulk)
+    }
+}
+
+fn bulk_params(duration: Duration) -> Vec<bulk::Params> {
+    [1, 4]
+        .map(|streams| bulk::Params { streams, duration })
+        .to_vec()
+}

@@ -1,0 +1,622 @@
+//! The outputs of a run: `results.json` (every raw figure), the SVG plots
+//! in the run's directory, and `README.md` in the output directory with one
+//! table per load, each figure next to its ratio to `direct` of the same run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::machine::Machine;
+use crate::plot::{self, Series};
+use crate::profile::Profile;
+use crate::run::{Loaded, ScenarioResult};
+use crate::scenario::Interceptor;
+
+pub const RR_PLOT: &str = "rr-latency.svg";
+pub const CONNTRACK_PLOT: &str = "conntrack.svg";
+pub const RSS_PLOT: &str = "proxy-rss.svg";
+
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub machine: Machine,
+    pub profile: Profile,
+    /// `nf_conntrack_max` as a fresh namespace sees it (read-only there).
+    pub conntrack_max: Option<u64>,
+    /// RLIMIT_NOFILE of this process and the interceptors.
+    pub fd_limit: u64,
+    /// Deviations from the profile, and why.
+    pub notes: Vec<String>,
+    pub elapsed_s: f64,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+impl Run {
+    fn direct(&self) -> Option<&ScenarioResult> {
+        self.scenarios
+            .iter()
+            .find(|s| s.interceptor == Interceptor::None)
+    }
+
+    /// Problems that make the run a failure: a scenario that broke, a load
+    /// that failed, a connection that bypassed an interceptor.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for s in &self.scenarios {
+            if let Some(e) = &s.error {
+                problems.push(format!("{}: {e}", s.name));
+            }
+            let direct = s.interceptor == Interceptor::None;
+            let mut check = |load: &str, error: &Option<String>, bypassed: Option<u64>| {
+                if let Some(e) = error {
+                    problems.push(format!("{} {load}: {e}", s.name));
+                }
+                if let Some(n) = bypassed.filter(|n| *n > 0) {
+                    problems.push(format!(
+                        "{} {load}: {n} connections reached the workload without the proxy",
+                        s.name
+                    ));
+                }
+            };
+            let l = &s.loads;
+            if let Some(x) = &l.concurrency {
+                check("concurrency", &x.error, x.bypassed(direct));
+            }
+            if let Some(x) = &l.rr {
+                check("rr", &x.error, x.bypassed(direct));
+            }
+            for x in &l.bulk {
+                check("bulk", &x.error, x.bypassed(direct));
+            }
+            if let Some(x) = &l.crr {
+                check("crr", &x.error, x.bypassed(direct));
+            }
+        }
+        problems
+    }
+}
+
+/// Writes `results.json` and the plots into `run_dir`, and `README.md`
+/// into `out`, linking to the plots relative to `out`.
+pub fn write(run: &Run, out: &Path, run_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let json = serde_json::to_string_pretty(run).context("serialising the results")?;
+    let json_path = run_dir.join("results.json");
+    std::fs::write(&json_path, json + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let plots = write_plots(run, run_dir);
+    let rel = run_dir
+        .strip_prefix(out)
+        .unwrap_or(run_dir)
+        .to_string_lossy()
+        .into_owned();
+    let markdown = markdown(run, &rel, &plots);
+    let md_path = out.join("README.md");
+    std::fs::write(&md_path, markdown).with_context(|| format!("writing {}", md_path.display()))?;
+    Ok(())
+}
+
+/// The plots that could be drawn (a plot with no data is left out, with a
+/// note on stderr, rather than failing the run after all the measuring).
+fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
+    let mut drawn = Vec::new();
+    let rr: Vec<Series> = run
+        .scenarios
+        .iter()
+        .filter_map(|s| {
+            let r = s.loads.rr.as_ref()?.report.as_ref()?;
+            Some(Series {
+                name: &s.name,
+                points: r.curve.clone(),
+            })
+        })
+        .collect();
+    let title = format!(
+        "RR latency, {} connections, {} requests/s, 64 B",
+        run.profile.rr.connections, run.profile.rr.rate
+    );
+    match plot::latency_percentiles(&dir.join(RR_PLOT), &title, &rr) {
+        Ok(()) => drawn.push(RR_PLOT),
+        Err(e) => eprintln!("sluice-bench: no RR plot: {e:#}"),
+    }
+    let samples = |f: fn(&crate::load::hold::Sample) -> Option<f64>| -> Vec<Series> {
+        run.scenarios
+            .iter()
+            .filter_map(|s| {
+                let h = s.loads.concurrency.as_ref()?.report.as_ref()?;
+                let mut points: Vec<(f64, f64)> = h
+                    .report
+                    .samples
+                    .iter()
+                    .filter_map(|x| Some((x.open as f64, f(x)?)))
+                    .collect();
+                // Held samples repeat the last x; keep the ramp's shape.
+                points.dedup_by(|a, b| a.0 == b.0);
+                (!points.is_empty()).then_some(Series {
+                    name: &s.name,
+                    points,
+                })
+            })
+            .collect()
+    };
+    let conntrack = samples(|x| x.conntrack.map(|c| c as f64));
+    let title = "Pod conntrack entries while opening connections";
+    match plot::lines(
+        &dir.join(CONNTRACK_PLOT),
+        title,
+        (
+            "open connections",
+            "nf_conntrack_count in the pod namespace",
+        ),
+        &conntrack,
+    ) {
+        Ok(()) => drawn.push(CONNTRACK_PLOT),
+        Err(e) => eprintln!("sluice-bench: no conntrack plot: {e:#}"),
+    }
+    let rss = samples(|x| x.proxy_rss_kib.map(|k| k as f64 / 1024.0));
+    if !rss.is_empty() {
+        match plot::lines(
+            &dir.join(RSS_PLOT),
+            "Interceptor memory while opening connections",
+            ("open connections", "interceptor RSS (MiB)"),
+            &rss,
+        ) {
+            Ok(()) => drawn.push(RSS_PLOT),
+            Err(e) => eprintln!("sluice-bench: no RSS plot: {e:#}"),
+        }
+    }
+    drawn
+}
+
+fn secs(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+fn us(v: f64) -> String {
+    if v < 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// `value / direct`, when both exist and direct is not zero.
+fn ratio(value: Option<f64>, direct: Option<f64>) -> String {
+    match (value, direct) {
+        (Some(v), Some(d)) if d > 0.0 => format!("{:.2}×", v / d),
+        _ => "—".into(),
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map_or("n/a".into(), f)
+}
+
+fn bypassed<T>(s: &ScenarioResult, l: &Loaded<T>) -> String {
+    match l.bypassed(s.interceptor == Interceptor::None) {
+        None => "—".into(),
+        Some(0) => "0".into(),
+        Some(n) => format!("**{n}**"),
+    }
+}
+
+fn errors(total: u64) -> String {
+    if total == 0 {
+        "0".into()
+    } else {
+        format!("**{total}**")
+    }
+}
+
+/// The row of a scenario with no figures for a load, saying why.
+fn missing_row(s: &ScenarioResult, load_error: Option<&str>, columns: usize) -> String {
+    let why = if let Some(skipped) = &s.skipped {
+        format!("skipped: {skipped}")
+    } else if let Some(e) = load_error {
+        format!("failed: {}", e.lines().next().unwrap_or(e))
+    } else if let Some(e) = &s.error {
+        format!("not measured: {}", e.lines().next().unwrap_or(e))
+    } else {
+        "not measured".into()
+    };
+    let why = why.replace('|', "\\|");
+    format!(
+        "| {} | {why} |{}\n",
+        s.name,
+        " |".repeat(columns.saturating_sub(2))
+    )
+}
+
+fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
+    let m = &run.machine;
+    let p = &run.profile;
+    let direct = run.direct();
+    let mut md = String::new();
+    let _ = writeln!(md, "# sluice benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Written by `make bench` (`sluice-bench`); regenerated on every run. \
+         Raw figures: [`{rel}/results.json`]({rel}/results.json).\n"
+    );
+    let _ = writeln!(md, "| | |\n| --- | --- |");
+    let _ = writeln!(md, "| date (UTC) | {} |", m.date);
+    let _ = writeln!(
+        md,
+        "| profile | `{}` ({:.0} s in all) |",
+        p.name, run.elapsed_s
+    );
+    let _ = writeln!(md, "| host | {} |", m.hostname);
+    let _ = writeln!(md, "| CPU | {}, {} cores |", m.cpu_model, m.cores);
+    if let Some(gib) = m.memory_gib {
+        let _ = writeln!(md, "| memory | {gib} GiB |");
+    }
+    let _ = writeln!(md, "| kernel | {} |", m.kernel);
+    let dirty = if m.dirty {
+        " (with uncommitted changes)"
+    } else {
+        ""
+    };
+    let _ = writeln!(md, "| commit | `{}`{dirty} |", m.commit);
+    if let Some(h) = &m.haproxy {
+        let _ = writeln!(md, "| HAProxy | {h} |");
+    }
+    let _ = writeln!(md, "| open-file limit | {} |", run.fd_limit);
+    md.push('\n');
+    for note in &run.notes {
+        let _ = writeln!(md, "**Note:** {note}\n");
+    }
+
+    let _ = writeln!(md, "## Scenarios\n");
+    let _ = writeln!(
+        md,
+        "Each scenario runs on a fresh pair of network namespaces, client ⇄ veth ⇄ pod. \
+         The workload (a tokio echo/sink server, one thread) and the interceptor run in the \
+         pod namespace, the load generators in the client namespace, all on the same {} cores. \
+         Ratios compare with `direct` of this same run.\n",
+        m.cores
+    );
+    let _ = writeln!(md, "| scenario | interceptor |\n| --- | --- |");
+    for s in &run.scenarios {
+        let how = match (&s.proxy, &s.interceptor) {
+            (Some(stopped), _) => format!("`{}`", stopped.command),
+            (None, Interceptor::None) => "none: client → workload".into(),
+            (None, Interceptor::Sluice { args }) => format!("`sluice run {}`", args.join(" ")),
+            (None, Interceptor::Haproxy) => "HAProxy".into(),
+        };
+        let how = match (&s.interceptor, &s.skipped) {
+            (_, Some(why)) => format!("{how} — skipped: {why}"),
+            (Interceptor::Haproxy, None) => format!(
+                "{how}, behind `sluice rules install --mode tproxy --ports 9080` \
+                 (configuration below)"
+            ),
+            _ => how,
+        };
+        let _ = writeln!(md, "| {} | {how} |", s.name);
+    }
+    md.push('\n');
+    for s in &run.scenarios {
+        if let Some(config) = s.proxy.as_ref().and_then(|p| p.config.as_ref()) {
+            let _ = writeln!(md, "Configuration of `{}`:\n\n```\n{}```\n", s.name, config);
+        }
+    }
+    let _ = writeln!(
+        md,
+        "**bypassed** counts connections that reached the workload without passing \
+         through the interceptor (the workload sees the proxy's connections come from \
+         127.0.0.6); it must be 0 for every interception mode. **errors** are failed \
+         connections or exchanges, counted, never retried away.\n"
+    );
+
+    rr_table(&mut md, run, direct, rel, plots);
+    crr_table(&mut md, run, direct);
+    bulk_table(&mut md, run, direct);
+    concurrency_table(&mut md, run, direct, rel, plots);
+    exhaustion(&mut md, run);
+    logs(&mut md, run);
+    md
+}
+
+fn rr_table(
+    md: &mut String,
+    run: &Run,
+    direct: Option<&ScenarioResult>,
+    rel: &str,
+    plots: &[&str],
+) {
+    let p = &run.profile.rr;
+    let _ = writeln!(md, "## RR: request/response latency\n");
+    let _ = writeln!(
+        md,
+        "{} persistent connections, {} requests/s in all, 64-byte request and echo, {}. \
+         Latency is measured from each request's scheduled send time, so a stall is \
+         charged to every request it delays (corrected for coordinated omission); \
+         \"service p50\" is from the actual send, for reference.\n",
+        p.connections,
+        p.rate,
+        secs(p.duration)
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 vs direct | p99 vs direct | p99.9 vs direct | service p50 µs | answered | errors | bypassed |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let d = direct.and_then(|s| s.loads.rr.as_ref()?.report.as_ref());
+    for s in &run.scenarios {
+        let loaded = s.loads.rr.as_ref();
+        let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 13));
+            continue;
+        };
+        let l = &r.latency;
+        let dl = d.map(|d| d.latency);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} |",
+            s.name,
+            us(l.p50_us),
+            us(l.p90_us),
+            us(l.p99_us),
+            us(l.p999_us),
+            us(l.max_us),
+            ratio(Some(l.p50_us), dl.map(|d| d.p50_us)),
+            ratio(Some(l.p99_us), dl.map(|d| d.p99_us)),
+            ratio(Some(l.p999_us), dl.map(|d| d.p999_us)),
+            us(r.service.p50_us),
+            r.completed,
+            r.scheduled,
+            errors(r.errors.total()),
+            loaded.map_or("—".into(), |x| bypassed(s, x)),
+        );
+    }
+    if plots.contains(&RR_PLOT) {
+        let _ = writeln!(md, "\n![RR latency by percentile]({rel}/{RR_PLOT})");
+    }
+    md.push('\n');
+}
+
+fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
+    let p = &run.profile.crr;
+    let _ = writeln!(md, "## CRR: connection rate\n");
+    let _ = writeln!(
+        md,
+        "{} parallel clients, each in a loop: connect, 64-byte request, its echo, close \
+         (the client closes first), for {}. Latency is connect to reply.\n",
+        p.clients,
+        secs(p.duration)
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | conn/s | vs direct | p50 µs | p99 µs | p99.9 µs | p99 vs direct | connections | errors | bypassed | conntrack after |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let d = direct.and_then(|s| s.loads.crr.as_ref()?.report.as_ref());
+    for s in &run.scenarios {
+        let loaded = s.loads.crr.as_ref();
+        let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11));
+            continue;
+        };
+        let r = &f.report;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.name,
+            r.rate,
+            ratio(Some(r.rate), d.map(|d| d.report.rate)),
+            us(r.latency.p50_us),
+            us(r.latency.p99_us),
+            us(r.latency.p999_us),
+            ratio(Some(r.latency.p99_us), d.map(|d| d.report.latency.p99_us)),
+            r.completed,
+            errors(r.errors.total()),
+            loaded.map_or("—".into(), |x| bypassed(s, x)),
+            opt(f.conntrack_after, |c| c.to_string()),
+        );
+    }
+    let with_errors: Vec<String> = run
+        .scenarios
+        .iter()
+        .filter_map(|s| {
+            let r = &s.loads.crr.as_ref()?.report.as_ref()?.report;
+            (r.errors.total() > 0).then(|| format!("{}: {:?}", s.name, r.errors.0))
+        })
+        .collect();
+    if !with_errors.is_empty() {
+        let _ = writeln!(md, "\nErrors by kind: {}.", with_errors.join("; "));
+    }
+    md.push('\n');
+}
+
+fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
+    let duration = run
+        .profile
+        .bulk
+        .first()
+        .map_or(0.0, |b| b.duration.as_secs_f64());
+    let _ = writeln!(md, "## Bulk throughput\n");
+    let _ = writeln!(
+        md,
+        "Each stream sends 128 KiB writes for {duration} to the workload's sink, \
+         which counts and drops them; at the end the stream half-closes and checks the \
+         sink's count against what it sent (a mismatch is an error). Gbit/s is payload \
+         client → workload, including that final exchange. Proxy CPU is user + system \
+         time of the interceptor process (all threads) over the load, from \
+         `/proc/<pid>/stat`, per 10⁹ bytes moved.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | streams | Gbit/s | vs direct | proxy CPU s | proxy CPU s/GB | errors | bypassed |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (index, params) in run.profile.bulk.iter().enumerate() {
+        let d = direct.and_then(|s| s.loads.bulk.get(index)?.report.as_ref());
+        for s in &run.scenarios {
+            let loaded = s.loads.bulk.get(index);
+            let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
+                md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 8));
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+                s.name,
+                params.streams,
+                f.report.gbit_per_s,
+                ratio(Some(f.report.gbit_per_s), d.map(|d| d.report.gbit_per_s)),
+                opt(f.proxy_cpu_s, |c| format!("{c:.2}")),
+                opt(f.proxy_cpu_s_per_gb, |c| format!("{c:.3}")),
+                errors(f.report.errors.total()),
+                loaded.map_or("—".into(), |x| bypassed(s, x)),
+            );
+        }
+    }
+    md.push('\n');
+}
+
+fn concurrency_table(
+    md: &mut String,
+    run: &Run,
+    direct: Option<&ScenarioResult>,
+    rel: &str,
+    plots: &[&str],
+) {
+    let p = &run.profile.hold;
+    let _ = writeln!(
+        md,
+        "## Concurrency: conntrack and memory at {} open connections\n",
+        p.connections
+    );
+    let _ = writeln!(
+        md,
+        "{} connections opened in {} steps (each proven with one echo) and held for {}; \
+         the pod namespace's `nf_conntrack_count` and the interceptor's VmRSS are sampled \
+         before, after each step and while held. Per connection = (peak − before) / open. \
+         This load runs first in each scenario, on an empty conntrack table.\n",
+        p.connections,
+        p.steps,
+        secs(p.hold)
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | open | conntrack before | conntrack peak | entries/conn | peak vs direct | proxy RSS before MiB | proxy RSS held MiB | proxy KiB/conn | errors | bypassed |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let d = direct.and_then(|s| s.loads.concurrency.as_ref()?.report.as_ref());
+    let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
+    for s in &run.scenarios {
+        let loaded = s.loads.concurrency.as_ref();
+        let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11));
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.name,
+            f.report.opened,
+            opt(f.conntrack_before, |c| c.to_string()),
+            opt(f.conntrack_peak, |c| c.to_string()),
+            opt(f.conntrack_per_connection, |c| format!("{c:.2}")),
+            ratio(
+                f.conntrack_peak.map(|c| c as f64),
+                d.and_then(|d| d.conntrack_peak).map(|c| c as f64)
+            ),
+            opt(f.proxy_rss_before_kib, mib),
+            opt(f.proxy_rss_held_kib, mib),
+            opt(f.proxy_rss_per_connection_kib, |k| format!("{k:.1}")),
+            errors(f.report.errors.total()),
+            loaded.map_or("—".into(), |x| bypassed(s, x)),
+        );
+    }
+    if d.and_then(|d| d.conntrack_peak) == Some(0) {
+        let _ = writeln!(
+            md,
+            "\n`direct` creates no conntrack entry (nothing in its pod namespace uses \
+             conntrack), so \"peak vs direct\" has no ratio."
+        );
+    }
+    for plot in [CONNTRACK_PLOT, RSS_PLOT] {
+        if plots.contains(&plot) {
+            let _ = writeln!(md, "\n![{plot}]({rel}/{plot})");
+        }
+    }
+    md.push('\n');
+}
+
+fn exhaustion(md: &mut String, run: &Run) {
+    let _ = writeln!(md, "## Conntrack exhaustion\n");
+    let _ = writeln!(
+        md,
+        "The intended experiment sets `net.netfilter.nf_conntrack_max` small (1024) in the \
+         pod namespace and opens more connections than that. It cannot be done here: on \
+         this kernel `nf_conntrack_max` is read-only (mode 0444, `EACCES` on write) in every \
+         namespace but the machine's own, and changing the machine's own namespace is out \
+         of bounds for the benchmark (it would change the host). What decides exhaustion is \
+         how many entries each connection costs, which the concurrency load measures; the \
+         last column divides the table size every namespace sees by that cost. It is \
+         derived, not observed.\n"
+    );
+    let max = run.conntrack_max;
+    let _ = writeln!(
+        md,
+        "| scenario | conntrack entries per open connection | nf_conntrack_max | open connections that fill it (derived) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for s in &run.scenarios {
+        let per = s
+            .loads
+            .concurrency
+            .as_ref()
+            .and_then(|l| l.report.as_ref())
+            .and_then(|f| f.conntrack_per_connection);
+        let fills = match (per, max) {
+            (Some(per), Some(max)) if per >= 0.01 => format!("{:.0}", max as f64 / per),
+            (Some(_), Some(_)) => "never (no entries)".into(),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {fills} |",
+            s.name,
+            opt(per, |p| format!("{p:.2}")),
+            opt(max, |m| m.to_string()),
+        );
+    }
+    md.push('\n');
+}
+
+fn logs(md: &mut String, run: &Run) {
+    let _ = writeln!(md, "## Interceptor logs\n");
+    let _ = writeln!(
+        md,
+        "| scenario | exit | log lines | warnings | errors | first problem |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|");
+    for s in &run.scenarios {
+        let Some(p) = &s.proxy else { continue };
+        let first = p.log.first_problems.first().map_or(String::new(), |l| {
+            format!("`{}`", l.replace('|', "\\|").replace('`', "'"))
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {first} |",
+            s.name, p.exit, p.log.lines, p.log.warnings, p.log.errors
+        );
+    }
+    md.push('\n');
+}

@@ -1,0 +1,468 @@
+//! Scenarios: what stands between the client and the workload, and how to
+//! start and stop it inside the pod namespace.
+//!
+//! A scenario is a name and an [`Interceptor`]. New sluice variants (the eBPF
+//! mode, other forwarders) need no code: `--scenario NAME=ARGS` adds a
+//! `sluice run ARGS` column.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use netlab::{Netns, Proc};
+use serde::Serialize;
+
+use crate::procstat;
+use crate::workload::{Workload, ECHO};
+
+/// The workload's port: the one every interceptor intercepts.
+pub const PORT: u16 = 9080;
+/// The interceptor's listening port (sluice's default).
+pub const PROXY_PORT: u16 = 15006;
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub interceptor: Interceptor,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Interceptor {
+    /// No interception: the physical limit.
+    None,
+    /// `sluice run ARGS --ports 9080 --install-rules --workers <cores>`.
+    Sluice { args: Vec<String> },
+    /// HAProxy in transparent mode behind sluice's TPROXY rules (installed
+    /// with `sluice rules install`): an existing proxy on the same
+    /// interception, so the difference is the proxy alone.
+    Haproxy,
+}
+
+impl Scenario {
+    fn sluice(name: &str, args: &[&str]) -> Scenario {
+        Scenario {
+            name: name.into(),
+            interceptor: Interceptor::Sluice {
+                args: args.iter().map(|a| a.to_string()).collect(),
+            },
+        }
+    }
+
+    /// Every built-in scenario, in report order; `default` says whether it
+    /// runs when `--scenarios` is not given.
+    pub fn builtin() -> Vec<(Scenario, bool)> {
+        vec![
+            (
+                Scenario {
+                    name: "direct".into(),
+                    interceptor: Interceptor::None,
+                },
+                true,
+            ),
+            (Scenario::sluice("redirect", &["--mode", "redirect"]), true),
+            (Scenario::sluice("tproxy", &["--mode", "tproxy"]), true),
+            (
+                Scenario::sluice(
+                    "tproxy-splice",
+                    &["--mode", "tproxy", "--forward", "splice"],
+                ),
+                false,
+            ),
+            (
+                Scenario {
+                    name: "haproxy".into(),
+                    interceptor: Interceptor::Haproxy,
+                },
+                true,
+            ),
+        ]
+    }
+
+    /// `NAME=ARGS`: a sluice scenario with these `sluice run` arguments.
+    pub fn parse_custom(spec: &str) -> Result<Scenario> {
+        let (name, args) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--scenario {spec:?}: expected NAME=SLUICE-RUN-ARGS"))?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if name.is_empty() || !name.chars().all(valid) {
+            bail!("--scenario {spec:?}: the name must be made of [A-Za-z0-9_-]");
+        }
+        Ok(Scenario {
+            name: name.into(),
+            interceptor: Interceptor::Sluice {
+                args: args.split_whitespace().map(str::to_string).collect(),
+            },
+        })
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.interceptor == Interceptor::None
+    }
+}
+
+/// What the runner needs to start interceptors.
+pub struct Tools {
+    pub sluice: PathBuf,
+    /// None when HAProxy is not installed.
+    pub haproxy: Option<PathBuf>,
+    pub workers: usize,
+    /// Connections the interceptor must accept at once (HAProxy's maxconn).
+    pub max_connections: usize,
+    pub scratch: PathBuf,
+}
+
+/// Finds `name` in PATH (and the sbin directories, where Debian puts
+/// haproxy and which a non-login root shell may lack).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A running interceptor. Dropping it stops it (netlab's [`Proc`]).
+pub struct Proxy {
+    process: Option<Proc>,
+    log: Arc<Mutex<Log>>,
+    pub command: String,
+    /// The configuration file's text, for interceptors that have one.
+    pub config: Option<String>,
+    cleanup: Vec<PathBuf>,
+}
+
+/// What an interceptor printed: counts of warnings and errors, the first
+/// problems in full and the last lines, so a long run's log stays small.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Log {
+    pub lines: u64,
+    pub warnings: u64,
+    pub errors: u64,
+    pub first_problems: Vec<String>,
+    pub tail: VecDeque<String>,
+}
+
+const KEEP_PROBLEMS: usize = 20;
+const KEEP_TAIL: usize = 30;
+
+impl Log {
+    fn push(&mut self, line: String) {
+        self.lines += 1;
+        // sluice (tracing): " WARN ", " ERROR "; HAProxy: [WARNING], [ALERT].
+        let warning = line.contains("WARN");
+        let error = line.contains("ERROR") || line.contains("ALERT");
+        self.warnings += u64::from(warning);
+        self.errors += u64::from(error);
+        if (warning || error) && self.first_problems.len() < KEEP_PROBLEMS {
+            self.first_problems.push(line.clone());
+        }
+        if self.tail.len() == KEEP_TAIL {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stopped {
+    pub command: String,
+    pub config: Option<String>,
+    pub exit: String,
+    pub log: Log,
+}
+
+impl Proxy {
+    /// Starts the interceptor of `scenario` in `pod` and waits until it
+    /// forwards a probe connection from `client` to `workload`.
+    pub fn start(
+        scenario: &Scenario,
+        tools: &Tools,
+        pod: &Netns,
+        client: &Netns,
+        workload: &Workload,
+    ) -> Result<Option<Proxy>> {
+        let proxy = match &scenario.interceptor {
+            Interceptor::None => None,
+            Interceptor::Sluice { args } => Some(start_sluice(args, tools, pod)?),
+            Interceptor::Haproxy => Some(start_haproxy(tools, pod)?),
+        };
+        let target = SocketAddr::from((netlab::ClientPod::POD_V4, PORT));
+        if let Err(e) = probe(client, target, workload, proxy.is_some()) {
+            let log = proxy
+                .as_ref()
+                .map(|p| p.log_text())
+                .unwrap_or_else(|| "(no interceptor)".into());
+            return Err(e.context(format!(
+                "scenario {}: a probe connection did not go through; interceptor log:\n{log}",
+                scenario.name
+            )));
+        }
+        Ok(proxy)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Proc::pid)
+    }
+
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        procstat::cpu_seconds(self.pid().ok_or_else(|| anyhow!("stopped"))?)
+    }
+
+    pub fn rss_kib(&self) -> Result<u64> {
+        procstat::rss_kib(self.pid().ok_or_else(|| anyhow!("stopped"))?)
+    }
+
+    /// Fails when the process has exited (crashed) since it started.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let Some(process) = self.process.as_mut() else {
+            bail!("{} was stopped", self.command);
+        };
+        if let Some(status) = process.try_wait()? {
+            bail!(
+                "{} exited during the run ({status}); log:\n{}",
+                self.command,
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
+    fn log_text(&self) -> String {
+        let log = lock(&self.log);
+        log.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    pub fn stop(mut self) -> Stopped {
+        let exit = match self.process.take().map(Proc::stop) {
+            Some(Ok(status)) => status.to_string(),
+            Some(Err(e)) => format!("could not stop: {e}"),
+            None => "already stopped".into(),
+        };
+        // The log reader ends with the process; give it a moment to drain.
+        std::thread::sleep(Duration::from_millis(50));
+        Stopped {
+            command: self.command.clone(),
+            config: self.config.clone(),
+            exit,
+            log: lock(&self.log).clone(),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        for path in &self.cleanup {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
+    // A panicking reader thread leaves a usable log behind.
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The command as the report shows it: the program's file name, not the
+/// build machine's path to it.
+fn command_line(command: &Command) -> String {
+    let program = Path::new(command.get_program());
+    std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Spawns `command` in `pod` with its stderr (and stdout) collected into a
+/// [`Log`]; `ready` is sent the first line containing `ready_line`.
+fn spawn_logged(
+    pod: &Netns,
+    mut command: Command,
+    ready_line: Option<&'static str>,
+) -> Result<(Proxy, mpsc::Receiver<()>)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let line = command_line(&command);
+    let mut process = pod
+        .spawn(&mut command)
+        .with_context(|| format!("starting {line}"))?;
+    let stderr = process
+        .child_mut()
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("stderr of {line} is not piped"))?;
+    let log = Arc::new(Mutex::new(Log::default()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if ready_line.is_some_and(|r| line.contains(r)) {
+                let _ = ready_tx.send(());
+            }
+            lock(&lines).push(line);
+        }
+    });
+    Ok((
+        Proxy {
+            process: Some(process),
+            log,
+            command: line,
+            config: None,
+            cleanup: Vec::new(),
+        },
+        ready_rx,
+    ))
+}
+
+fn start_sluice(args: &[String], tools: &Tools, pod: &Netns) -> Result<Proxy> {
+    let mut command = Command::new(&tools.sluice);
+    command
+        .arg("run")
+        .args(args)
+        .args(["--ports", &PORT.to_string(), "--install-rules"])
+        .args(["--workers", &tools.workers.to_string()]);
+    let (mut proxy, ready) = spawn_logged(pod, command, Some("sluice ready"))?;
+    let deadline = Instant::now() + READY_WITHIN;
+    while Instant::now() < deadline {
+        if ready.recv_timeout(Duration::from_millis(100)).is_ok() {
+            return Ok(proxy);
+        }
+        proxy.check_alive()?;
+    }
+    bail!(
+        "{} did not say \"sluice ready\" within {READY_WITHIN:?}; log:\n{}",
+        proxy.command,
+        proxy.log_text()
+    )
+}
+
+fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
+    let haproxy = tools
+        .haproxy
+        .as_ref()
+        .ok_or_else(|| anyhow!("haproxy is not installed (make bench-deps)"))?;
+    let mut rules = Command::new(&tools.sluice);
+    rules.args([
+        "rules",
+        "install",
+        "--mode",
+        "tproxy",
+        "--ports",
+        &PORT.to_string(),
+    ]);
+    let line = command_line(&rules);
+    let output = pod
+        .output(&mut rules)
+        .with_context(|| format!("running {line}"))?;
+    if !output.status.success() {
+        bail!(
+            "{line} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let config = tools
+        .scratch
+        .join(format!("sl-bench-haproxy-{}.cfg", std::process::id()));
+    let text = haproxy_config(tools.workers, tools.max_connections);
+    std::fs::write(&config, &text).with_context(|| format!("writing {}", config.display()))?;
+    let mut command = Command::new(haproxy);
+    command.arg("-db").arg("-f").arg(&config);
+    let started = spawn_logged(pod, command, None);
+    let (mut proxy, _) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_file(&config);
+            return Err(e);
+        }
+    };
+    proxy.cleanup.push(config);
+    proxy.config = Some(text);
+    // The readiness probe that follows is what says HAProxy is up; a
+    // configuration error shows as an early exit.
+    std::thread::sleep(Duration::from_millis(200));
+    proxy.check_alive()?;
+    Ok(proxy)
+}
+
+/// TCP mode, transparent bind on the TPROXY port, upstream from the bypass
+/// source so sluice's rules let it through, as many threads as sluice has
+/// workers. Timeouts far above any load's length: none may cut a held
+/// connection.
+pub fn haproxy_config(threads: usize, max_connections: usize) -> String {
+    let pod = netlab::ClientPod::POD_V4;
+    format!(
+        "global
+    nbthread {threads}
+    maxconn {max_connections}
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+frontend intercepted
+    bind :{PROXY_PORT} transparent
+    maxconn {max_connections}
+    default_backend workload
+
+backend workload
+    server w {pod}:{PORT} source 127.0.0.6 maxconn {max_connections}
+"
+    )
+}
+
+/// Connects from `client` until an echo comes back through the expected
+/// path: via the proxy when there is one, straight otherwise.
+fn probe(client: &Netns, target: SocketAddr, workload: &Workload, via_proxy: bool) -> Result<()> {
+    let deadline = Instant::now() + READY_WITHIN;
+    let mut last_error = anyhow!("no attempt");
+    while Instant::now() < deadline {
+        let before = workload.peers();
+        match client.try_run(|| echo_once(target))? {
+            Ok(()) => {
+                let seen = workload.peers().since(before);
+                let (expected, other) = if via_proxy {
+                    (seen.via_proxy, seen.not_via_proxy)
+                } else {
+                    (seen.not_via_proxy, seen.via_proxy)
+                };
+                if expected == 1 && other == 0 {
+                    return Ok(());
+                }
+                last_error = anyhow!(
+                    "the probe reached the workload by the wrong path ({} via the proxy, {} not)",
+                    seen.via_proxy,
+                    seen.not_via_proxy
+                );
+            }
+            Err(e) => last_error = anyhow::Error::new(e).context(format!("probe to {target}")),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(last_error)
+}
+
+fn echo_once(target: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(&[ECHO])?;
+    stream.write_all(b"probe")?;
+    let mut reply = [0u8; 5];
+    stream.read_exact(&mut reply)?;
+    if &reply != b"probe" {
+        return Err(std::io::Error::other("probe reply is not the echo"));
+    }
+    Ok(())
+}

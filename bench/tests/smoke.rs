@@ -1,0 +1,192 @@
+//! The whole `make bench` pipeline with the smoke profile: every scenario ×
+//! every load, results.json, README.md tables and plots, nothing left behind.
+//!
+//! The sluice binary under test is another package's, so Cargo gives this
+//! test no `CARGO_BIN_EXE_sluice`. The test asks Cargo for it instead:
+//! `cargo build -p sluice --message-format=json` (the same Cargo, the same
+//! target directory) and takes the executable's path from the artifact
+//! message. Under `make test` (`cargo test --workspace`) the binary is
+//! already built for sluice's own integration tests, so this is a no-op that
+//! only finds the path; alone (`cargo test -p sluice-bench`) it builds it.
+//! Cargo releases its build lock before running tests, so this does not
+//! deadlock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn sluice_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "sluice",
+            "--bin",
+            "sluice",
+            "--message-format=json",
+        ])
+        .current_dir(&workspace)
+        .output()
+        .expect("run cargo build -p sluice");
+    assert!(
+        output.status.success(),
+        "cargo build -p sluice failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sluice")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no sluice executable")
+}
+
+fn leftover_namespaces(pid: u32) -> Vec<String> {
+    let marker = format!("-{pid}-");
+    std::fs::read_dir("/run/netns")
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sl-") && n.contains(&marker))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn smoke_profile_end_to_end() {
+    let sluice = sluice_binary();
+    let out = std::env::temp_dir().join(format!("sl-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .arg("--sluice")
+        .arg(&sluice)
+        .arg("--out")
+        .arg(&out)
+        .args(["--profile", "smoke"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice-bench");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for sluice-bench");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "sluice-bench failed:\n{log}");
+    assert_eq!(leftover_namespaces(pid), Vec::<String>::new(), "{log}");
+
+    let runs: Vec<PathBuf> = std::fs::read_dir(&out)
+        .expect("out dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(runs.len(), 1, "one run directory in {}", out.display());
+    let run_dir = &runs[0];
+    let json = std::fs::read_to_string(run_dir.join("results.json")).expect("results.json");
+    let results: Value = serde_json::from_str(&json).expect("results.json parses");
+
+    let machine = &results["machine"];
+    for key in ["kernel", "cpu_model", "commit", "date"] {
+        assert!(
+            machine[key].as_str().is_some_and(|v| !v.is_empty()),
+            "{key}"
+        );
+    }
+    assert!(machine["cores"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(results["profile"]["name"], "smoke");
+
+    let scenarios = results["scenarios"].as_array().expect("scenarios");
+    let names: Vec<&str> = scenarios
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["direct", "redirect", "tproxy", "haproxy"]);
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap_or("?");
+        if name == "haproxy" && !s["skipped"].is_null() {
+            eprintln!("haproxy skipped: {}", s["skipped"]);
+            continue;
+        }
+        assert!(s["error"].is_null(), "{name}: {}", s["error"]);
+        let loads = &s["loads"];
+        let mut all = vec![&loads["concurrency"], &loads["rr"], &loads["crr"]];
+        let bulk = loads["bulk"].as_array().expect("bulk loads");
+        assert_eq!(bulk.len(), 2, "{name}: bulk with 1 and 4 streams");
+        all.extend(bulk);
+        for load in all {
+            assert!(load["error"].is_null(), "{name}: {}", load["error"]);
+            assert!(load["report"].is_object(), "{name}: {load}");
+            if name != "direct" {
+                assert_eq!(load["peers"]["not_via_proxy"], 0, "{name} bypassed: {load}");
+                assert!(
+                    load["peers"]["via_proxy"].as_u64().unwrap_or(0) > 0,
+                    "{name}"
+                );
+            }
+        }
+        let rr = &loads["rr"]["report"];
+        assert_eq!(rr["completed"], rr["scheduled"], "{name}: {rr}");
+        assert!(rr["latency"]["p50_us"].as_f64().unwrap_or(0.0) > 0.0);
+        assert!(loads["crr"]["report"]["completed"].as_u64().unwrap_or(0) > 0);
+        for b in bulk {
+            assert!(
+                b["report"]["bytes"].as_u64().unwrap_or(0) > 0,
+                "{name}: {b}"
+            );
+            if name != "direct" {
+                assert!(b["report"]["proxy_cpu_s_per_gb"].is_number(), "{name}: {b}");
+            }
+        }
+        let hold = &loads["concurrency"]["report"];
+        assert_eq!(hold["opened"], 200, "{name}: {hold}");
+        assert!(
+            hold["conntrack_per_connection"].is_number(),
+            "{name}: {hold}"
+        );
+        if name == "tproxy" {
+            assert_eq!(
+                hold["conntrack_peak"], 0,
+                "TPROXY needs no conntrack: {hold}"
+            );
+        }
+        if name == "redirect" {
+            assert!(hold["conntrack_per_connection"].as_f64().unwrap_or(0.0) >= 1.0);
+        }
+    }
+
+    let md = std::fs::read_to_string(out.join("README.md")).expect("README.md");
+    for heading in [
+        "## RR",
+        "## CRR",
+        "## Bulk",
+        "## Concurrency",
+        "## Conntrack exhaustion",
+    ] {
+        let section = md
+            .split(heading)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{heading} in\n{md}"));
+        let section = section.split("\n## ").next().unwrap_or_default();
+        assert!(section.contains("|---"), "{heading} has a table");
+        for name in &names {
+            assert!(
+                section.contains(&format!("| {name} |")),
+                "{heading}: row {name}"
+            );
+        }
+    }
+    let run_name = run_dir.file_name().unwrap().to_string_lossy().into_owned();
+    for svg in ["rr-latency.svg", "conntrack.svg"] {
+        let text = std::fs::read_to_string(run_dir.join(svg)).expect(svg);
+        assert!(text.starts_with("<svg"), "{svg}");
+        assert!(
+            md.contains(&format!("]({run_name}/{svg})")),
+            "README links {svg}"
+        );
+    }
+    std::fs::remove_dir_all(&out).expect("remove the smoke output");
+}
