@@ -3,7 +3,7 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := iptables iproute2 conntrack
+APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
 BENCH_PACKAGES := haproxy
 
 .PHONY: all deps bench-deps build test lint bench clean check-leftovers

@@ -3,6 +3,7 @@
 //! tools), applied in one transaction per family, and rolled back if a later
 //! step fails, so an error leaves nothing half-installed.
 
+pub mod ebpf;
 pub mod redirect;
 pub mod rules;
 pub mod tproxy;
