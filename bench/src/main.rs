@@ -14,6 +14,7 @@ mod profile;
 mod report;
 mod run;
 mod scenario;
+mod sysload;
 mod workload;
 
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use clap::Parser;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 use crate::machine::Machine;
-use crate::profile::{Profile, ProfileName};
+use crate::profile::{LoadKind, Profile, ProfileName};
 use crate::scenario::{Scenario, Tools};
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,9 @@ struct Cli {
     /// e.g. --scenario 'ebpf=--mode ebpf'.
     #[arg(long = "scenario")]
     custom: Vec<String>,
+    /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    loads: Vec<LoadKind>,
     /// Data-path threads of each interceptor [default: one per core].
     #[arg(long)]
     workers: Option<usize>,
@@ -71,7 +75,10 @@ fn main() -> ExitCode {
 
 /// Ok(false): the run completed, but something in it failed.
 fn bench(cli: Cli) -> Result<bool> {
-    let profile = Profile::new(cli.profile);
+    let mut profile = Profile::new(cli.profile);
+    if !cli.loads.is_empty() {
+        profile.loads.retain(|l| cli.loads.contains(l));
+    }
     let scenarios = select(&cli.scenarios, &cli.custom)?;
     if !cli.sluice.is_file() {
         bail!(
@@ -79,7 +86,6 @@ fn bench(cli: Cli) -> Result<bool> {
             cli.sluice.display()
         );
     }
-    let mut profile = profile;
     let mut notes = Vec::new();
     let fd_limit = raise_fd_limit(profile.max_connections())?;
     // An interceptor holds two descriptors per connection, and so does this

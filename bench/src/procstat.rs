@@ -7,23 +7,30 @@ use nix::unistd::{sysconf, SysconfVar};
 
 /// User + system CPU seconds of every thread of `pid` so far.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = parse_cpu_ticks(&stat).ok_or_else(|| anyhow!("{path}: unexpected format"))?;
+    let ticks = cpu_ticks(pid)?;
     let per_second = sysconf(SysconfVar::CLK_TCK)
         .context("sysconf(CLK_TCK)")?
         .ok_or_else(|| anyhow!("sysconf(CLK_TCK) has no value"))?;
     Ok(ticks as f64 / per_second as f64)
 }
 
-/// utime + stime, fields 14 and 15. The command name (field 2) may hold
-/// spaces and parentheses, so fields are counted after its last ')'.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// User + system CPU time of every thread of `pid` so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_flags_and_ticks(&stat)
+        .map(|(_, ticks)| ticks)
+        .ok_or_else(|| anyhow!("{path}: unexpected format"))
+}
+
+/// `flags` (field 9) and utime + stime (fields 14 and 15). The command name
+/// (field 2) may hold spaces and parentheses, so fields are counted after
+/// its last ')'.
+pub fn parse_flags_and_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    let fields: Vec<&str> = rest.split_whitespace().take(13).collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some((field(9)?, field(14)? + field(15)?))
 }
 
 /// VmRSS of `pid`, in KiB.
@@ -45,7 +52,7 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_command_names() {
         let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 100 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(22));
+        assert_eq!(parse_flags_and_ticks(stat), Some((4194560, 22)));
     }
 
     #[test]

@@ -25,13 +25,30 @@ impl std::fmt::Display for ProfileName {
     }
 }
 
+/// The loads, in the order they run in each scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadKind {
+    Concurrency,
+    Rr,
+    Bulk,
+    Crr,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Profile {
     pub name: ProfileName,
+    /// The loads this run makes (all, unless `--loads` chose fewer).
+    pub loads: Vec<LoadKind>,
     pub rr: rr::Params,
     pub crr: crr::Params,
     pub bulk: Vec<bulk::Params>,
     pub hold: hold::Params,
+    /// Before each load, how long to wait for other processes to leave the
+    /// machine alone.
+    pub quiet_wait: Duration,
+    /// Tries per load: a disturbed load is repeated until this many.
+    pub attempts: u32,
 }
 
 impl Profile {
@@ -41,6 +58,7 @@ impl Profile {
         match name {
             ProfileName::Smoke => Profile {
                 name,
+                loads: all_loads(),
                 rr: rr::Params {
                     connections: 2,
                     rate: 400.0,
@@ -58,9 +76,12 @@ impl Profile {
                     hold: ms(300),
                     parallel: 64,
                 },
+                quiet_wait: Duration::ZERO,
+                attempts: 1,
             },
             ProfileName::Quick => Profile {
                 name,
+                loads: all_loads(),
                 rr: rr::Params {
                     connections: 16,
                     rate: 4000.0,
@@ -78,9 +99,12 @@ impl Profile {
                     hold: s(1),
                     parallel: 128,
                 },
+                quiet_wait: s(60),
+                attempts: 2,
             },
             ProfileName::Default => Profile {
                 name,
+                loads: all_loads(),
                 rr: rr::Params {
                     connections: 32,
                     rate: 8000.0,
@@ -98,8 +122,14 @@ impl Profile {
                     hold: s(3),
                     parallel: 256,
                 },
+                quiet_wait: s(600),
+                attempts: 3,
             },
         }
+    }
+
+    pub fn runs(&self, load: LoadKind) -> bool {
+        self.loads.contains(&load)
     }
 
     /// The most connections any load holds at once (RLIMIT_NOFILE, HAProxy's
@@ -112,6 +142,10 @@ impl Profile {
             .max(self.crr.clients)
             .max(bulk)
     }
+}
+
+fn all_loads() -> Vec<LoadKind> {
+    LoadKind::value_variants().to_vec()
 }
 
 fn bulk_params(duration: Duration) -> Vec<bulk::Params> {

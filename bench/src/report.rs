@@ -206,12 +206,36 @@ fn bypassed<T>(s: &ScenarioResult, l: &Loaded<T>) -> String {
     }
 }
 
-fn errors(total: u64) -> String {
-    if total == 0 {
+/// Other processes' and other guests' (steal) shares of the machine during
+/// the load, bold when the load counts as disturbed.
+fn others<T>(l: Option<&Loaded<T>>) -> String {
+    let Some(l) = l else { return "—".into() };
+    let i = l.interference;
+    let text = format!("{:.0}% / {:.0}%", i.other_cpu * 100.0, i.steal * 100.0);
+    let retried = if l.attempts > 1 || !l.discarded.is_empty() {
+        format!(" (best of {})", l.discarded.len() + 1)
+    } else {
+        String::new()
+    };
+    if i.disturbed() {
+        format!("**{text}**{retried}")
+    } else {
+        format!("{text}{retried}")
+    }
+}
+
+/// The kept attempt's errors, and those of discarded attempts if any.
+fn errors<T>(total: u64, l: Option<&Loaded<T>>) -> String {
+    let mut text = if total == 0 {
         "0".into()
     } else {
         format!("**{total}**")
+    };
+    let discarded: u64 = l.map_or(0, |l| l.discarded.iter().map(|d| d.errors).sum());
+    if discarded > 0 {
+        text += &format!(" (+**{discarded}** in discarded attempts)");
     }
+    text
 }
 
 /// The row of a scenario with no figures for a load, saying why.
@@ -312,6 +336,21 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
          127.0.0.6); it must be 0 for every interception mode. **errors** are failed \
          connections or exchanges, counted, never retried away.\n"
     );
+    let _ = writeln!(
+        md,
+        "**others / steal**: the cores are shared, with other processes and, on a virtual \
+         machine, with the host's other guests. \"others\" is the share of the whole machine \
+         used during the load by processes other than the benchmark's own and the kernel's \
+         threads; \"steal\" is the time the hypervisor gave our virtual CPUs to someone else \
+         (both from /proc/stat). Above {:.0}% others or {:.0}% steal a load counts as \
+         disturbed (bold): it is repeated after waiting for a quiet moment, up to {} attempts \
+         in this profile, and the least disturbed attempt is kept (chosen by disturbance, \
+         never by its figures; \"best of N\"). Errors and bypasses of discarded attempts are \
+         in results.json (bypasses are counted over all attempts).\n",
+        crate::sysload::DISTURBED_OTHER * 100.0,
+        crate::sysload::DISTURBED_STEAL * 100.0,
+        run.profile.attempts
+    );
 
     rr_table(&mut md, run, direct, rel, plots);
     crr_table(&mut md, run, direct);
@@ -353,14 +392,14 @@ fn rr_table(
     for s in &run.scenarios {
         let loaded = s.loads.rr.as_ref();
         let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
-            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 13));
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 14));
             continue;
         };
         let l = &r.latency;
         let dl = d.map(|d| d.latency);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
             s.name,
             us(l.p50_us),
             us(l.p90_us),
@@ -373,8 +412,9 @@ fn rr_table(
             us(r.service.p50_us),
             r.completed,
             r.scheduled,
-            errors(r.errors.total()),
+            errors(r.errors.total(), loaded),
             loaded.map_or("—".into(), |x| bypassed(s, x)),
+            others(loaded),
         );
     }
     if plots.contains(&RR_PLOT) {
@@ -405,13 +445,13 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     for s in &run.scenarios {
         let loaded = s.loads.crr.as_ref();
         let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
-            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11));
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 12));
             continue;
         };
         let r = &f.report;
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name,
             r.rate,
             ratio(Some(r.rate), d.map(|d| d.report.rate)),
@@ -420,9 +460,10 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
             us(r.latency.p999_us),
             ratio(Some(r.latency.p99_us), d.map(|d| d.report.latency.p99_us)),
             r.completed,
-            errors(r.errors.total()),
+            errors(r.errors.total(), loaded),
             loaded.map_or("—".into(), |x| bypassed(s, x)),
             opt(f.conntrack_after, |c| c.to_string()),
+            others(loaded),
         );
     }
     let with_errors: Vec<String> = run
@@ -457,28 +498,29 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     );
     let _ = writeln!(
         md,
-        "| scenario | streams | Gbit/s | vs direct | proxy CPU s | proxy CPU s/GB | errors | bypassed |"
+        "| scenario | streams | Gbit/s | vs direct | proxy CPU s | proxy CPU s/GB | errors | bypassed | others / steal |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (index, params) in run.profile.bulk.iter().enumerate() {
         let d = direct.and_then(|s| s.loads.bulk.get(index)?.report.as_ref());
         for s in &run.scenarios {
             let loaded = s.loads.bulk.get(index);
             let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
-                md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 8));
+                md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 9));
                 continue;
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
                 s.name,
                 params.streams,
                 f.report.gbit_per_s,
                 ratio(Some(f.report.gbit_per_s), d.map(|d| d.report.gbit_per_s)),
                 opt(f.proxy_cpu_s, |c| format!("{c:.2}")),
                 opt(f.proxy_cpu_s_per_gb, |c| format!("{c:.3}")),
-                errors(f.report.errors.total()),
+                errors(f.report.errors.total(), loaded),
                 loaded.map_or("—".into(), |x| bypassed(s, x)),
+                others(loaded),
             );
         }
     }
@@ -521,12 +563,12 @@ fn concurrency_table(
     for s in &run.scenarios {
         let loaded = s.loads.concurrency.as_ref();
         let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
-            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11));
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 12));
             continue;
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name,
             f.report.opened,
             opt(f.conntrack_before, |c| c.to_string()),
@@ -539,8 +581,9 @@ fn concurrency_table(
             opt(f.proxy_rss_before_kib, mib),
             opt(f.proxy_rss_held_kib, mib),
             opt(f.proxy_rss_per_connection_kib, |k| format!("{k:.1}")),
-            errors(f.report.errors.total()),
+            errors(f.report.errors.total(), loaded),
             loaded.map_or("—".into(), |x| bypassed(s, x)),
+            others(loaded),
         );
     }
     if d.and_then(|d| d.conntrack_peak) == Some(0) {

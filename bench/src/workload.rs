@@ -54,6 +54,13 @@ pub struct Peers {
 }
 
 impl Peers {
+    pub fn plus(self, other: Peers) -> Peers {
+        Peers {
+            via_proxy: self.via_proxy + other.via_proxy,
+            not_via_proxy: self.not_via_proxy + other.not_via_proxy,
+        }
+    }
+
     pub fn since(self, before: Peers) -> Peers {
         Peers {
             via_proxy: self.via_proxy - before.via_proxy,
