@@ -46,6 +46,9 @@ pub enum RulesAction {
     Remove {
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Also detach the eBPF program pinned under this bpffs directory.
+        #[arg(long)]
+        pin: Option<std::path::PathBuf>,
     },
     /// Show what is installed and whether it matches the flags given.
     Show {
@@ -59,8 +62,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// Install the rules at start and remove them at exit (SIGINT/SIGTERM).
+    /// In ebpf mode the program is always attached by `run` itself.
     #[arg(long)]
     pub install_rules: bool,
+    /// ebpf mode: pin the program and its maps under this bpffs directory so
+    /// they outlive sluice (remove with `sluice rules remove --pin DIR`).
+    #[arg(long)]
+    pub pin: Option<std::path::PathBuf>,
     /// How the bytes of a connection are moved between its two sockets.
     #[arg(long, value_enum, default_value_t = Forwarder::Copy)]
     pub forward: Forwarder,
@@ -83,6 +91,8 @@ pub enum Mode {
     Tproxy,
     /// nat-table REDIRECT, the compatible baseline; one conntrack entry per connection.
     Redirect,
+    /// An sk_lookup eBPF program steers SYNs to sluice's socket: no netfilter, no conntrack.
+    Ebpf,
 }
 
 impl fmt::Display for Mode {
@@ -90,6 +100,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Tproxy => "tproxy",
             Mode::Redirect => "redirect",
+            Mode::Ebpf => "ebpf",
         })
     }
 }

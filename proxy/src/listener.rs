@@ -18,8 +18,8 @@ pub struct OrigDst {
 /// How an [`OrigDst`] was found; the modes must not be mixed up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovered {
-    /// `getsockname()` on a socket TPROXY handed over: the kernel kept the
-    /// destination.
+    /// `getsockname()` on a socket TPROXY or sk_lookup handed over: the
+    /// kernel kept the destination.
     SocketName,
     /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`: the destination before
     /// REDIRECT rewrote it, kept by conntrack.
@@ -71,7 +71,9 @@ impl Listeners {
                 v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), true)?,
                 v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), true)?,
             }),
-            Mode::Redirect => Ok(Listeners {
+            // sk_lookup hands connections to any listening socket of the
+            // right family, whatever it is bound to.
+            Mode::Redirect | Mode::Ebpf => Ok(Listeners {
                 v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), false)?,
                 v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), false)?,
             }),
@@ -93,7 +95,7 @@ fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, 
 
 pub fn original_dst(mode: Mode, accepted: &impl AsRawFd) -> io::Result<OrigDst> {
     match mode {
-        Mode::Tproxy => Ok(OrigDst {
+        Mode::Tproxy | Mode::Ebpf => Ok(OrigDst {
             addr: linux::local_addr(accepted)?,
             recovered: Recovered::SocketName,
         }),

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::config::{Cli, Command, RulesAction};
+use sluice::config::{Cli, Command, Mode, RulesAction};
+use sluice::intercept::ebpf;
 use sluice::intercept::Plan;
 use sluice::server::{self, RunOptions};
 
@@ -33,6 +34,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 .map_or_else(server::default_workers, usize::from);
             server::run(RunOptions {
                 policy,
+                pin: args.pin,
                 forwarder: args.forward,
                 install_rules: args.install_rules,
                 workers,
@@ -46,7 +48,20 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 fn rules(action: RulesAction) -> anyhow::Result<ExitCode> {
     match action {
         RulesAction::Install { policy, dry_run } => {
-            let plan = Plan::new(&policy.validate()?);
+            let policy = policy.validate()?;
+            if policy.mode == Mode::Ebpf {
+                if !dry_run {
+                    anyhow::bail!(
+                        "the eBPF program needs sluice's listening sockets, so `sluice run --mode ebpf` \
+                         attaches it (add --pin DIR to keep it after exit)"
+                    );
+                }
+                println!(
+                    "# sk_lookup program, attached by `sluice run --mode ebpf`, with this policy:"
+                );
+                println!("{}", ebpf::EbpfPolicy::from_policy(&policy));
+            }
+            let plan = Plan::new(&policy);
             if dry_run {
                 print!("{}", plan.dry_run());
             } else {
@@ -55,13 +70,34 @@ fn rules(action: RulesAction) -> anyhow::Result<ExitCode> {
                 println!("installed");
             }
         }
-        RulesAction::Remove { policy } => {
+        RulesAction::Remove { policy, pin } => {
             let plan = Plan::new(&policy.validate()?);
+            if let Some(dir) = pin {
+                ebpf::remove_pinned(&dir).context("removing the pinned eBPF program")?;
+            }
             plan.remove().context("removing the interception rules")?;
             println!("removed");
         }
         RulesAction::Show { policy } => {
-            let plan = Plan::new(&policy.validate()?);
+            let policy = policy.validate()?;
+            if policy.mode == Mode::Ebpf {
+                print!(
+                    "{}",
+                    ebpf::show().context("reading the attached eBPF programs")?
+                );
+                let wanted = ebpf::EbpfPolicy::from_policy(&policy);
+                let attached = ebpf::installed().context("reading the attached eBPF programs")?;
+                if !attached
+                    .iter()
+                    .any(|program| program.policy.as_ref() == Some(&wanted))
+                {
+                    println!("status: no sluice program with the flags' policy is attached");
+                    return Ok(ExitCode::from(3));
+                }
+                println!("status: attached, matches the flags");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let plan = Plan::new(&policy);
             let status = plan.show().context("reading the interception rules")?;
             print!("{status}");
             // Scripts can tell "installed as asked" from the rest.

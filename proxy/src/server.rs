@@ -5,6 +5,8 @@
 //! nothing mutable but the listening sockets and a few atomic counters.
 
 use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -16,9 +18,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Forwarder, Mode, Policy};
 use crate::forward::{self, End};
-use crate::intercept::{self, Plan};
+use crate::intercept::{self, ebpf, Plan};
 use crate::linux;
 use crate::listener::{self, ClientAddr, Listeners, OrigDst};
+use crate::routing::{self, BypassSource};
 use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,10 @@ pub enum Error {
     Listen(#[from] listener::Error),
     #[error("installing the interception rules")]
     Intercept(#[from] intercept::Error),
+    #[error("attaching the eBPF program")]
+    Ebpf(#[source] ebpf::Error),
+    #[error("the IPv6 bypass source")]
+    Bypass(#[from] routing::Error),
     #[error("cannot start a worker thread")]
     Worker(#[source] io::Error),
     #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
@@ -46,6 +53,8 @@ pub struct Stats {
 
 pub struct RunOptions {
     pub policy: Policy,
+    /// ebpf mode: where to pin the program so it outlives sluice.
+    pub pin: Option<std::path::PathBuf>,
     pub forwarder: Forwarder,
     pub install_rules: bool,
     pub workers: usize,
@@ -63,10 +72,20 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
 
     let policy = options.policy;
     let listeners = Listeners::bind(policy.mode, policy.proxy_port)?;
-    let _rules = if options.install_rules {
+    let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
         Some(InstalledRules::install(Plan::new(&policy))?)
     } else {
         None
+    };
+    // Declared after the listeners, so dropped before them: no window where
+    // the program steers SYNs to closed sockets.
+    let _program = match policy.mode {
+        Mode::Ebpf => Some(AttachedProgram::attach(
+            &policy,
+            &listeners,
+            options.pin.as_deref(),
+        )?),
+        _ => None,
     };
 
     let stats = Arc::new(Stats::default());
@@ -108,6 +127,55 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let signal = signals.wait().map_err(Error::Signals)?;
     info!(%signal, accepted = stats.accepted.load(Ordering::Relaxed), "sluice stopping");
     Ok(())
+}
+
+/// The sk_lookup program of `--mode ebpf`, attached for sluice's lifetime
+/// (unless pinned), with the IPv6 bypass source it needs.
+struct AttachedProgram {
+    _interceptor: ebpf::Interceptor,
+    added_bypass: bool,
+}
+
+impl AttachedProgram {
+    fn attach(
+        policy: &Policy,
+        listeners: &Listeners,
+        pin: Option<&Path>,
+    ) -> Result<AttachedProgram, Error> {
+        let added_bypass = !BypassSource::present()?;
+        BypassSource::install()?;
+        let wanted = ebpf::EbpfPolicy::from_policy(policy);
+        let (v4, v6) = (listeners.v4.as_fd(), listeners.v6.as_fd());
+        let attached = match pin {
+            Some(dir) => ebpf::Interceptor::attach_pinned(&wanted, v4, v6, dir),
+            None => ebpf::Interceptor::attach(&wanted, v4, v6),
+        };
+        match attached {
+            Ok(interceptor) => {
+                info!(link = interceptor.link_id(), pinned = ?pin, "sk_lookup program attached");
+                Ok(AttachedProgram {
+                    _interceptor: interceptor,
+                    added_bypass: added_bypass && pin.is_none(),
+                })
+            }
+            Err(error) => {
+                if added_bypass {
+                    let _ = BypassSource::remove();
+                }
+                Err(Error::Ebpf(error))
+            }
+        }
+    }
+}
+
+impl Drop for AttachedProgram {
+    fn drop(&mut self) {
+        if self.added_bypass {
+            if let Err(error) = BypassSource::remove() {
+                warn!(%error, "could not remove ::6 from lo");
+            }
+        }
+    }
 }
 
 /// Rules installed by `run --install-rules`, removed when dropped.

@@ -332,20 +332,88 @@ macro_rules! suite {
                     concat!(stringify!($mode), "-closed"),
                 );
             }
-
-            #[test]
-            fn rules_without_sluice_block_and_removal_restores_direct_access() {
-                super::rules_without_sluice_block_and_removal_restores_direct_access(
-                    MODE,
-                    concat!(stringify!($mode), "-norun"),
-                );
-            }
         }
     };
 }
 
 suite!(tproxy, Conntrack::None);
 suite!(redirect, Conntrack::PerConnection);
+suite!(ebpf, Conntrack::None);
+
+#[test]
+fn tproxy_rules_without_sluice_block_and_removal_restores_direct_access() {
+    rules_without_sluice_block_and_removal_restores_direct_access("tproxy", "tproxy-norun");
+}
+
+#[test]
+fn redirect_rules_without_sluice_block_and_removal_restores_direct_access() {
+    rules_without_sluice_block_and_removal_restores_direct_access("redirect", "redirect-norun");
+}
+
+/// eBPF mode leaves netfilter alone entirely, and its program goes with the
+/// process: afterwards connections reach the workload directly.
+#[test]
+fn ebpf_uses_no_netfilter_and_detaches_when_sluice_exits() {
+    let topology = ClientPod::new("ebpf-gone").expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let sluice = start("ebpf", &topology, "9080");
+
+    let stream = connect(&topology.client, pod_v4(PORT)).expect("connect through sluice");
+    assert_eq!(
+        exchange(stream, b"via".to_vec()),
+        [b"via".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(workload.via_sluice.load(Ordering::SeqCst), 1);
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let saved = topology
+            .pod
+            .output(&mut std::process::Command::new(tool))
+            .expect(tool);
+        let rules = String::from_utf8_lossy(&saved.stdout);
+        assert!(
+            !rules
+                .lines()
+                .any(|l| l.starts_with('*') || l.starts_with("-A")),
+            "{tool}: {rules}"
+        );
+    }
+    let nft = topology
+        .pod
+        .output(std::process::Command::new("nft").args(["list", "ruleset"]))
+        .expect("nft");
+    assert!(
+        String::from_utf8_lossy(&nft.stdout).trim().is_empty(),
+        "nft ruleset is not empty"
+    );
+    assert_eq!(conntrack_count(&topology.pod), 0);
+    let shown = sluice_cli(
+        &topology.pod,
+        &["rules", "show", "--mode", "ebpf", "--ports", "9080"],
+    );
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+
+    sluice.stop();
+    let shown = sluice_cli(
+        &topology.pod,
+        &["rules", "show", "--mode", "ebpf", "--ports", "9080"],
+    );
+    assert_eq!(
+        shown.status.code(),
+        Some(3),
+        "a program is still attached: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let stream = connect(&topology.client, pod_v4(PORT)).expect("direct connection");
+    assert_eq!(
+        exchange(stream, b"direct".to_vec()),
+        [b"direct".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(workload.direct.load(Ordering::SeqCst), 1);
+}
 
 /// Connects and reads once. A reset may land before connect() returns or on
 /// the read; either way it comes back as the error.

@@ -33,6 +33,7 @@ pub enum Error {
 /// The rules and routes a policy asks for.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    pub mode: Mode,
     pub rule_sets: Vec<RuleSet>,
     pub route: Option<PolicyRoute>,
 }
@@ -41,11 +42,20 @@ impl Plan {
     pub fn new(policy: &Policy) -> Plan {
         match policy.mode {
             Mode::Tproxy => Plan {
+                mode: policy.mode,
                 rule_sets: Family::BOTH.map(|f| tproxy::rule_set(policy, f)).to_vec(),
                 route: Some(tproxy::policy_route(policy)),
             },
             Mode::Redirect => Plan {
+                mode: policy.mode,
                 rule_sets: Family::BOTH.map(|f| redirect::rule_set(policy, f)).to_vec(),
+                route: None,
+            },
+            // The program is attached by `sluice run` (it needs the proxy's
+            // listening sockets); all that is installed apart is the bypass.
+            Mode::Ebpf => Plan {
+                mode: policy.mode,
+                rule_sets: Vec::new(),
                 route: None,
             },
         }
@@ -116,16 +126,29 @@ impl Plan {
     /// Removes every sluice chain, hook and route, whatever mode and flags
     /// installed them; succeeds when nothing is installed.
     pub fn remove(&self) -> Result<(), Error> {
-        preflight()?;
-        for family in Family::BOTH {
-            for table in TABLES {
-                remove_rules(family, table)?;
-            }
+        if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
+            return Err(Error::NoNetAdmin);
+        }
+        // A host that runs only the eBPF mode needs no iptables: without the
+        // tools there can be no sluice chains to remove.
+        let tools = RuleSet::check_tools();
+        if self.mode != Mode::Ebpf || tools.is_ok() {
+            tools?;
+            self.remove_rules()?;
         }
         if let Some(route) = &self.route {
             route.remove()?;
         }
         BypassSource::remove()?;
+        Ok(())
+    }
+
+    fn remove_rules(&self) -> Result<(), Error> {
+        for family in Family::BOTH {
+            for table in TABLES {
+                remove_rules(family, table)?;
+            }
+        }
         Ok(())
     }
 
