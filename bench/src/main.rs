@@ -56,6 +56,10 @@ struct Cli {
     /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr.
     #[arg(long, value_delimiter = ',', value_enum)]
     loads: Vec<LoadKind>,
+    /// The HAProxy binary [default: haproxy from PATH or /usr/sbin]; when
+    /// there is none, the haproxy scenario is reported as skipped.
+    #[arg(long)]
+    haproxy: Option<PathBuf>,
     /// Data-path threads of each interceptor [default: one per core].
     #[arg(long)]
     workers: Option<usize>,
@@ -102,7 +106,10 @@ fn bench(cli: Cli) -> Result<bool> {
         notes.push(note);
         profile.hold.connections = fits;
     }
-    let haproxy = scenario::find_program("haproxy");
+    let haproxy = match cli.haproxy {
+        Some(path) => path.is_file().then_some(path),
+        None => scenario::find_program("haproxy"),
+    };
     let machine = Machine::describe(haproxy.as_deref());
     let tools = Tools {
         sluice: std::fs::canonicalize(&cli.sluice)

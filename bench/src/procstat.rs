@@ -7,11 +7,15 @@ use nix::unistd::{sysconf, SysconfVar};
 
 /// User + system CPU seconds of every thread of `pid` so far.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let ticks = cpu_ticks(pid)?;
+    Ok(cpu_ticks(pid)? as f64 / ticks_per_second()? as f64)
+}
+
+/// The unit of the CPU times in /proc (USER_HZ).
+pub fn ticks_per_second() -> Result<u64> {
     let per_second = sysconf(SysconfVar::CLK_TCK)
         .context("sysconf(CLK_TCK)")?
         .ok_or_else(|| anyhow!("sysconf(CLK_TCK) has no value"))?;
-    Ok(ticks as f64 / per_second as f64)
+    u64::try_from(per_second).context("CLK_TCK out of range")
 }
 
 /// User + system CPU time of every thread of `pid` so far, in clock ticks.

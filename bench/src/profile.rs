@@ -99,7 +99,7 @@ impl Profile {
                     hold: s(1),
                     parallel: 128,
                 },
-                quiet_wait: s(60),
+                quiet_wait: s(20),
                 attempts: 2,
             },
             ProfileName::Default => Profile {

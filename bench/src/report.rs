@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::plot::{self, Series};
-use crate::profile::Profile;
+use crate::profile::{LoadKind, Profile};
 use crate::run::{Loaded, ScenarioResult};
 use crate::scenario::Interceptor;
 
@@ -116,9 +116,14 @@ fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
         "RR latency, {} connections, {} requests/s, 64 B",
         run.profile.rr.connections, run.profile.rr.rate
     );
-    match plot::latency_percentiles(&dir.join(RR_PLOT), &title, &rr) {
-        Ok(()) => drawn.push(RR_PLOT),
-        Err(e) => eprintln!("sluice-bench: no RR plot: {e:#}"),
+    if run.profile.runs(LoadKind::Rr) {
+        match plot::latency_percentiles(&dir.join(RR_PLOT), &title, &rr) {
+            Ok(()) => drawn.push(RR_PLOT),
+            Err(e) => eprintln!("sluice-bench: no RR plot: {e:#}"),
+        }
+    }
+    if !run.profile.runs(LoadKind::Concurrency) {
+        return drawn;
     }
     let samples = |f: fn(&crate::load::hold::Sample) -> Option<f64>| -> Vec<Series> {
         run.scenarios
@@ -210,7 +215,7 @@ fn bypassed<T>(s: &ScenarioResult, l: &Loaded<T>) -> String {
 /// the load, bold when the load counts as disturbed.
 fn others<T>(l: Option<&Loaded<T>>) -> String {
     let Some(l) = l else { return "—".into() };
-    let i = l.interference;
+    let i = &l.interference;
     let text = format!("{:.0}% / {:.0}%", i.other_cpu * 100.0, i.steal * 100.0);
     let retried = if l.attempts > 1 || !l.discarded.is_empty() {
         format!(" (best of {})", l.discarded.len() + 1)
@@ -341,8 +346,8 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         "**others / steal**: the cores are shared, with other processes and, on a virtual \
          machine, with the host's other guests. \"others\" is the share of the whole machine \
          used during the load by processes other than the benchmark's own and the kernel's \
-         threads; \"steal\" is the time the hypervisor gave our virtual CPUs to someone else \
-         (both from /proc/stat). Above {:.0}% others or {:.0}% steal a load counts as \
+         threads (their CPU times in /proc/<pid>/stat, sampled every 250 ms); \"steal\" is \
+         the time the hypervisor gave our virtual CPUs to someone else (/proc/stat). Above {:.0}% others or {:.0}% steal a load counts as \
          disturbed (bold): it is repeated after waiting for a quiet moment, up to {} attempts \
          in this profile, and the least disturbed attempt is kept (chosen by disturbance, \
          never by its figures; \"best of N\"). Errors and bypasses of discarded attempts are \
@@ -352,11 +357,21 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         run.profile.attempts
     );
 
-    rr_table(&mut md, run, direct, rel, plots);
-    crr_table(&mut md, run, direct);
-    bulk_table(&mut md, run, direct);
-    concurrency_table(&mut md, run, direct, rel, plots);
-    exhaustion(&mut md, run);
+    // A load left out with --loads has no section at all.
+    let runs = |load| run.profile.runs(load);
+    if runs(LoadKind::Rr) {
+        rr_table(&mut md, run, direct, rel, plots);
+    }
+    if runs(LoadKind::Crr) {
+        crr_table(&mut md, run, direct);
+    }
+    if runs(LoadKind::Bulk) {
+        bulk_table(&mut md, run, direct);
+    }
+    if runs(LoadKind::Concurrency) {
+        concurrency_table(&mut md, run, direct, rel, plots);
+        exhaustion(&mut md, run);
+    }
     logs(&mut md, run);
     md
 }
@@ -382,11 +397,11 @@ fn rr_table(
     );
     let _ = writeln!(
         md,
-        "| scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 vs direct | p99 vs direct | p99.9 vs direct | service p50 µs | answered | errors | bypassed |"
+        "| scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 vs direct | p99 vs direct | p99.9 vs direct | service p50 µs | answered | errors | bypassed | others / steal |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.rr.as_ref()?.report.as_ref());
     for s in &run.scenarios {
@@ -435,11 +450,11 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     );
     let _ = writeln!(
         md,
-        "| scenario | conn/s | vs direct | p50 µs | p99 µs | p99.9 µs | p99 vs direct | connections | errors | bypassed | conntrack after |"
+        "| scenario | conn/s | vs direct | p50 µs | p99 µs | p99.9 µs | p99 vs direct | connections | errors | bypassed | conntrack after | others / steal |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.crr.as_ref()?.report.as_ref());
     for s in &run.scenarios {
@@ -485,7 +500,7 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         .profile
         .bulk
         .first()
-        .map_or(0.0, |b| b.duration.as_secs_f64());
+        .map_or("?".into(), |b| secs(b.duration));
     let _ = writeln!(md, "## Bulk throughput\n");
     let _ = writeln!(
         md,
@@ -552,11 +567,11 @@ fn concurrency_table(
     );
     let _ = writeln!(
         md,
-        "| scenario | open | conntrack before | conntrack peak | entries/conn | peak vs direct | proxy RSS before MiB | proxy RSS held MiB | proxy KiB/conn | errors | bypassed |"
+        "| scenario | open | conntrack before | conntrack peak | entries/conn | peak vs direct | proxy RSS before MiB | proxy RSS held MiB | proxy KiB/conn | errors | bypassed | others / steal |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.concurrency.as_ref()?.report.as_ref());
     let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::load::{bulk, crr, hold, rr, Errors};
 use crate::profile::{LoadKind, Profile};
 use crate::scenario::{Interceptor, Proxy, Scenario, Stopped, Tools, PORT};
-use crate::sysload::{Interference, Snapshot};
+use crate::sysload::{self, Interference, Monitor};
 use crate::workload::{Peers, Workload};
 
 #[derive(Debug, Serialize)]
@@ -55,7 +55,7 @@ pub struct Loaded<T> {
     pub discarded: Vec<Discarded>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Discarded {
     pub interference: Interference,
     pub errors: u64,
@@ -64,7 +64,7 @@ pub struct Discarded {
 impl Discarded {
     fn of<T: Figures>(l: &Loaded<T>) -> Discarded {
         Discarded {
-            interference: l.interference,
+            interference: l.interference.clone(),
             errors: l.report.as_ref().map_or(0, Figures::error_count),
         }
     }
@@ -294,12 +294,9 @@ impl Bench<'_> {
             self.wait_quiet(load, profile.quiet_wait);
             progress(self.name, load, "running");
             let before = self.workload.peers();
-            let cpu_before = Snapshot::take(&self.our_pids());
+            let monitor = Monitor::start(self.our_pids());
             let outcome = f(self);
-            let interference = match (cpu_before, Snapshot::take(&self.our_pids())) {
-                (Ok(before), Ok(after)) => after.since(&before),
-                _ => Interference::default(),
-            };
+            let interference = monitor.stop();
             // Let the last accepts land before counting.
             std::thread::sleep(Duration::from_millis(50));
             peers = peers.plus(self.workload.peers().since(before));
@@ -313,7 +310,7 @@ impl Bench<'_> {
                     report: Some(report),
                     error: None,
                     peers,
-                    interference,
+                    interference: interference.clone(),
                     attempts: attempt,
                     discarded: Vec::new(),
                 },
@@ -323,7 +320,7 @@ impl Bench<'_> {
                         report: None,
                         error: Some(format!("{e:#}")),
                         peers,
-                        interference,
+                        interference: interference.clone(),
                         attempts: attempt,
                         discarded: Vec::new(),
                     }
@@ -375,14 +372,7 @@ impl Bench<'_> {
         let start = Instant::now();
         let mut said = None::<Instant>;
         while start.elapsed() < limit {
-            let Ok(before) = Snapshot::take(&self.our_pids()) else {
-                return;
-            };
-            std::thread::sleep(Duration::from_millis(500));
-            let Ok(after) = Snapshot::take(&self.our_pids()) else {
-                return;
-            };
-            let idle = after.since(&before);
+            let idle = sysload::sample(self.our_pids(), Duration::from_secs(1));
             if idle.quiet() {
                 return;
             }

@@ -225,10 +225,16 @@ impl Proxy {
             bail!("{} was stopped", self.command);
         };
         if let Some(status) = process.try_wait()? {
+            // The last line usually says why; the whole tail follows.
+            let text = self.log_text();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             bail!(
-                "{} exited during the run ({status}); log:\n{}",
-                self.command,
-                self.log_text()
+                "{} exited during the run ({status}): {last}\nlog:\n{text}",
+                self.command
             );
         }
         Ok(())
@@ -386,6 +392,8 @@ fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
             return Err(e);
         }
     };
+    // The file is a temporary; the report shows its text instead.
+    proxy.command = "haproxy -db -f haproxy.cfg".into();
     proxy.cleanup.push(config);
     proxy.config = Some(text);
     // The readiness probe that follows is what says HAProxy is up; a
