@@ -225,12 +225,15 @@ impl Proxy {
             bail!("{} was stopped", self.command);
         };
         if let Some(status) = process.try_wait()? {
-            // The last line usually says why; the whole tail follows.
+            // The last line that mentions an error usually says why; the
+            // whole tail follows, once the reader has drained the pipe.
+            std::thread::sleep(Duration::from_millis(100));
             let text = self.log_text();
-            let last = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
+            let mut lines = text.lines().rev().filter(|l| !l.trim().is_empty());
+            let last = lines
+                .clone()
+                .find(|l| l.to_lowercase().contains("error"))
+                .or_else(|| lines.next())
                 .unwrap_or("");
             bail!(
                 "{} exited during the run ({status}): {last}\nlog:\n{text}",
