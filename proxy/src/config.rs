@@ -83,6 +83,10 @@ pub enum Forwarder {
     Copy,
     /// socket → pipe → socket in the kernel (splice), readiness from io_uring.
     Splice,
+    /// Both sockets in a sockmap; an sk_skb verdict program moves the bytes in
+    /// the kernel. Falls back to copy, with one log line, where the kernel
+    /// refuses (no CAP_BPF/CAP_NET_ADMIN, old kernel).
+    Sockmap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -105,6 +105,139 @@ pub fn set_nonblocking(socket: &impl AsRawFd) -> io::Result<()> {
     with_sockref(socket, |s| s.set_nonblocking(true))
 }
 
+/// `SO_COOKIE`: the kernel's 64-bit identity of a socket, the same number
+/// BPF programs get from `bpf_get_socket_cookie()`.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    with_sockref(socket, |s| s.cookie())
+}
+
+/// `SO_ERROR`: takes (and clears) the error pending on a socket.
+pub fn take_error(socket: &impl AsRawFd) -> io::Result<Option<io::Error>> {
+    with_sockref(socket, |s| s.take_error())
+}
+
+/// `SO_RCVLOWAT`. Setting it makes TCP check at once whether the receive
+/// queue is ready and, if so, call the socket's data-ready callback: the way
+/// to have a stream-verdict program see bytes that arrived before the socket
+/// entered its sockmap (the kernel only runs it on the next arrival).
+pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+        .map_err(|_| io::Error::other("int does not fit socklen_t"))?;
+    // SAFETY: SO_RCVLOWAT reads one int from the pointer, valid for `len`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&bytes).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What [`tcp_counters`] reads from `TCP_INFO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// `TCP_ESTABLISHED`, `TCP_CLOSE`, ... (linux/tcp.h numbering).
+    pub state: u8,
+    /// Bytes the peer acknowledged (snd_una's progress).
+    pub bytes_acked: u64,
+    /// Sequence space received in order (rcv_nxt's progress): payload, plus
+    /// one for a FIN.
+    pub bytes_received: u64,
+}
+
+/// TCP's state `TCP_CLOSE`: the connection is gone (reset, or both FINs
+/// done and the socket unhashed).
+pub const TCP_CLOSE: u8 = 7;
+
+/// `TCP_INFO`'s byte counters. The kernel fills it under the socket's lock,
+/// so the numbers include every segment whose processing had started.
+pub fn tcp_counters(socket: &impl AsRawFd) -> io::Result<TcpCounters> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+        .map_err(|_| io::Error::other("tcp_info does not fit socklen_t"))?;
+    // SAFETY: `info` is valid for `len` bytes and the kernel writes at most
+    // that many; zeroed first, so fields an older kernel does not fill read
+    // as 0.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // bytes_acked and bytes_received came in Linux 4.1 and 4.2.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_segs_out);
+    if (len as usize) < needed {
+        return Err(io::Error::other(
+            "the kernel's TCP_INFO has no byte counters (Linux 4.2 or newer needed)",
+        ));
+    }
+    // SAFETY: zero-initialised plain data, partly overwritten by the kernel.
+    let info = unsafe { info.assume_init() };
+    Ok(TcpCounters {
+        state: info.tcpi_state,
+        bytes_acked: info.tcpi_bytes_acked,
+        bytes_received: info.tcpi_bytes_received,
+    })
+}
+
+/// `SIOCOUTQ`: bytes in the send queue, sent but not acknowledged or not
+/// sent yet (write_seq - snd_una).
+pub fn send_queue_bytes(socket: &impl AsRawFd) -> io::Result<u32> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(bytes).map_err(|_| io::Error::other("SIOCOUTQ returned a negative count"))
+}
+
+/// Which of `events` (`libc::POLLERR`, ...) a socket has right now, without
+/// waiting (`poll(2)` with a zero timeout). POLLERR and POLLHUP are always
+/// reported; nothing is consumed.
+pub fn events_now(socket: &impl AsRawFd, events: i16) -> io::Result<i16> {
+    let mut fds = [libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd, a zero timeout.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fds[0].revents)
+}
+
+/// Whether the calling thread may load networking BPF programs and make
+/// sockmaps: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN in its effective
+/// set (capabilities are per thread, hence /proc/thread-self).
+pub fn may_load_bpf() -> io::Result<bool> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/thread-self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/thread-self/status"))?;
+    let bits = u64::from_str_radix(effective.trim(), 16)
+        .map_err(|e| io::Error::other(format!("bad CapEff in /proc/thread-self/status: {e}")))?;
+    let has = |cap: u32| bits & (1 << cap) != 0;
+    Ok((has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN))
+}
+
 /// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes.
 pub struct Pipe {
     read: OwnedFd,

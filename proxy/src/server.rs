@@ -88,6 +88,8 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         _ => None,
     };
 
+    // Once for all workers: the sockmap forwarder's program and maps.
+    let forwarding = forward::Forwarding::new(options.forwarder);
     let stats = Arc::new(Stats::default());
     let (started_tx, started_rx) = mpsc::channel();
     for index in 0..options.workers {
@@ -95,7 +97,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         let v6 = listeners.v6.try_clone().map_err(Error::Worker)?;
         let worker = Worker {
             mode: policy.mode,
-            forwarder: options.forwarder,
+            forwarding: forwarding.clone(),
             proxy_port: policy.proxy_port,
             stats: stats.clone(),
         };
@@ -118,7 +120,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     }
     info!(
         mode = %policy.mode,
-        forward = ?options.forwarder,
+        forward = ?forwarding.forwarder(),
         port = policy.proxy_port,
         workers = options.workers,
         rules = options.install_rules,
@@ -203,7 +205,7 @@ impl Drop for InstalledRules {
 #[derive(Clone)]
 struct Worker {
     mode: Mode,
-    forwarder: Forwarder,
+    forwarding: forward::Forwarding,
     proxy_port: u16,
     stats: Arc<Stats>,
 }
@@ -273,7 +275,7 @@ impl Worker {
                 return;
             }
         };
-        let forwarded = match forward::forward(self.forwarder, &client, &upstream).await {
+        let forwarded = match forward::forward(&self.forwarding, &client, &upstream).await {
             Ok(forwarded) => forwarded,
             Err(error) => {
                 warn!(client = %peer, %error, "forwarder could not start; connection reset");

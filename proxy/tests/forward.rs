@@ -141,11 +141,145 @@ fn sequential_connections_leak_nothing(forwarder: &str, purpose: &str) {
     // Warm up: worker pools (pipes) fill to their working size first.
     round(50);
     let before = wait_for_stable_fds(s.sluice.pid());
+    let entries_before = sockmap_entries(s.sluice.pid());
     round(1000);
     let after = wait_for_stable_fds(s.sluice.pid());
     assert_eq!(
         after, before,
         "sluice's descriptors (total, pipes) changed over 1,000 connections"
+    );
+    // Every connection has ended: its map entries (sockmap only) are gone.
+    assert_eq!(
+        sockmap_entries(s.sluice.pid()),
+        entries_before,
+        "sluice's sockmap entries changed over 1,000 connections"
+    );
+    assert_eq!(entries_before, 0, "sockmap entries left after warm-up");
+}
+
+/// Entries in the sockmap forwarder's maps (`sl_socks`, `sl_targets`,
+/// `sl_peers`) of process `pid`, found through the map ids in its
+/// descriptors' fdinfo (sluice runs as another process; root may open any
+/// map by id). 0 for a forwarder without maps.
+fn sockmap_entries(pid: u32) -> usize {
+    use libbpf_rs::MapCore;
+    let mut total = 0;
+    let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("list sluice's fdinfo");
+    for entry in fdinfo.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue; // closed meanwhile
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|line| line.strip_prefix("map_id:"))
+            .and_then(|id| id.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let map = libbpf_rs::MapHandle::from_map_id(id).expect("open sluice's map by id");
+        let name = map.name().to_string_lossy().into_owned();
+        if sluice::forward::sockmap::MAP_NAMES.contains(&name.as_str()) {
+            total += map.keys().count();
+        }
+    }
+    total
+}
+
+/// Half-closes with much in flight, both ways at once: each side writes 8
+/// MiB and its FIN at once, and reads only after a pause, so when sluice sees
+/// a FIN most of the bytes before it are still on their way through sluice
+/// (for sockmap: queued on the peer's psock). Passing the FIN on too early
+/// loses them.
+fn in_flight_bytes_survive_half_close(forwarder: &str, purpose: &str) {
+    const LEN: usize = 8 << 20;
+    const PAUSE: Duration = Duration::from_millis(300);
+    const PARALLEL: usize = 6;
+    let topology = ClientPod::new(purpose).expect("topology");
+    let listener = topology
+        .pod
+        .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
+    let sluice = Sluice::run(
+        &topology.pod,
+        &[
+            "--forward",
+            forwarder,
+            "--ports",
+            "9080",
+            "--install-rules",
+            "--log-level",
+            "debug",
+        ],
+    );
+    // The workload says "go" first and the client waits for it: the
+    // connection is then set up through sluice (for sockmap: joined, which
+    // the kernel allows only before a FIN) before the payloads start.
+    // Then each side writes `LEN` bytes and a FIN, pauses, and reads to the
+    // end; returns what it read.
+    fn both_ways(mut stream: std::net::TcpStream, seed: u64, workload: bool) -> Vec<u8> {
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        stream.set_write_timeout(Some(PATIENCE)).expect("timeout");
+        if workload {
+            stream.write_all(b"g").expect("go");
+        } else {
+            let mut go = [0u8; 1];
+            stream.read_exact(&mut go).expect("go");
+            assert_eq!(&go, b"g");
+        }
+        let mut writer = stream.try_clone().expect("clone");
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&random_bytes(LEN, seed)).expect("write");
+            writer.shutdown(Shutdown::Write).expect("half-close");
+        });
+        std::thread::sleep(PAUSE);
+        let mut received = Vec::with_capacity(LEN);
+        stream.read_to_end(&mut received).expect("read to the FIN");
+        sender.join().expect("sender");
+        received
+    }
+    for round in 0..2u64 {
+        let server = {
+            let listener = listener.try_clone().expect("clone listener");
+            std::thread::spawn(move || {
+                let handlers: Vec<_> = (0..PARALLEL)
+                    .map(|_| {
+                        let (stream, _) = listener.accept().expect("workload accept");
+                        std::thread::spawn(move || both_ways(stream, 1000 + round, true))
+                    })
+                    .collect();
+                handlers
+                    .into_iter()
+                    .map(|h| h.join().expect("workload side"))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let clients: Vec<_> = (0..PARALLEL)
+            .map(|_| {
+                let stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+                std::thread::spawn(move || both_ways(stream, 2000 + round, false))
+            })
+            .collect();
+        let from_workload = random_bytes(LEN, 1000 + round);
+        for client in clients {
+            let received = client.join().expect("client side");
+            assert_eq!(received.len(), LEN, "round {round}: bytes to the client");
+            assert!(
+                received == from_workload,
+                "round {round}: bytes to the client differ"
+            );
+        }
+        let from_client = random_bytes(LEN, 2000 + round);
+        for received in server.join().expect("workload") {
+            assert_eq!(received.len(), LEN, "round {round}: bytes to the workload");
+            assert!(
+                received == from_client,
+                "round {round}: bytes to the workload differ"
+            );
+        }
+    }
+    let log = sluice.stop();
+    assert!(
+        !log.contains("with copy"),
+        "a connection was not forwarded by {forwarder}:\n{log}"
     );
 }
 
@@ -223,6 +357,14 @@ macro_rules! suite {
             }
 
             #[test]
+            fn in_flight_bytes_survive_half_close() {
+                super::in_flight_bytes_survive_half_close(
+                    FORWARDER,
+                    concat!(stringify!($forwarder), "-flight"),
+                );
+            }
+
+            #[test]
             fn sequential_connections_leak_nothing() {
                 super::sequential_connections_leak_nothing(
                     FORWARDER,
@@ -235,3 +377,92 @@ macro_rules! suite {
 
 suite!(copy);
 suite!(splice);
+suite!(sockmap);
+
+/// What only the sockmap forwarder has: joining through its maps, and the
+/// fallback to copy where the kernel refuses.
+mod sockmap_specific {
+    use super::*;
+
+    /// A request sent at once, before sluice has joined the sockets, then
+    /// a wait for the answer with no FIN: the kernel runs the program only
+    /// when bytes arrive, so sluice must make it look at what is queued.
+    /// While the connection is open its two sockets are in the maps (two
+    /// entries in each of three); after it, none.
+    #[test]
+    fn early_bytes_flow_and_entries_come_and_go() {
+        let topology = ClientPod::new("sm-join").expect("topology");
+        let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+        // At debug level sluice logs each connection that went to copy.
+        let sluice = Sluice::run(
+            &topology.pod,
+            &[
+                "--forward",
+                "sockmap",
+                "--ports",
+                "9080",
+                "--install-rules",
+                "--log-level",
+                "debug",
+            ],
+        );
+        let s = Setup {
+            topology,
+            workload,
+            sluice,
+        };
+        for i in 0..20 {
+            let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
+            let request = random_bytes(1000, i);
+            stream.write_all(&request).expect("request");
+            let mut reply = vec![0u8; request.len()];
+            stream.read_exact(&mut reply).expect("echo without a FIN");
+            assert!(reply == request, "echo differs");
+            // Six while open; the previous connection's may take a moment
+            // to go (its worker thread can be descheduled right after the
+            // FIN it passed on).
+            wait_until("two entries in each map while open", || {
+                sockmap_entries(s.sluice.pid()) == 6
+            });
+            stream.shutdown(Shutdown::Write).expect("half-close");
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).expect("trailer");
+            assert_eq!(rest, TRAILER);
+        }
+        wait_until("the maps are empty", || {
+            sockmap_entries(s.sluice.pid()) == 0
+        });
+        assert!(
+            !s.sluice.log().contains("with copy"),
+            "a connection fell back to copy:\n{}",
+            s.sluice.log()
+        );
+    }
+
+    /// Without CAP_BPF and CAP_SYS_ADMIN sluice says once that sockmap is
+    /// not available, forwards with copy, and the bytes are exact.
+    #[test]
+    fn without_bpf_rights_falls_back_to_copy_once() {
+        let topology = ClientPod::new("sm-norights").expect("topology");
+        let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+        let sluice = Sluice::run_wrapped(
+            &topology.pod,
+            &["setpriv", "--bounding-set", "-bpf,-sys_admin", "--"],
+            &["--forward", "sockmap", "--ports", "9080", "--install-rules"],
+        );
+        for i in 0..3 {
+            let payload = random_bytes(100_000, i);
+            let stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+            let received = exchange(stream, payload.clone());
+            assert!(received[..payload.len()] == payload[..], "bytes differ");
+        }
+        let log = sluice.stop();
+        assert_eq!(
+            log.matches("sockmap is not available").count(),
+            1,
+            "one fallback line expected:\n{log}"
+        );
+        assert!(log.contains("CAP_BPF"), "the reason is named:\n{log}");
+        assert!(log.contains("forward=Copy"), "{log}");
+    }
+}

@@ -5,9 +5,12 @@
 //! reset, both sockets closed at the end.
 
 pub mod copy;
+pub mod sockmap;
 pub mod splice;
 
+use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use tokio_uring::net::TcpStream;
 
@@ -42,17 +45,82 @@ pub struct Forwarded {
     pub downstream: Direction,
 }
 
+/// The forwarder a process runs with, and what it needs: the sockmap
+/// forwarder's BPF program and maps, set up once and shared by every worker.
+#[derive(Debug, Clone)]
+pub enum Forwarding {
+    Copy,
+    Splice,
+    Sockmap(Arc<sockmap::SockmapEngine>),
+}
+
+impl Forwarding {
+    /// Sets `forwarder` up. Where the kernel refuses the sockmap forwarder
+    /// (no CAP_BPF/CAP_NET_ADMIN, an old kernel) this says so in one log
+    /// line and forwards with copy instead.
+    pub fn new(forwarder: Forwarder) -> Forwarding {
+        match forwarder {
+            Forwarder::Copy => Forwarding::Copy,
+            Forwarder::Splice => Forwarding::Splice,
+            Forwarder::Sockmap => match sockmap::SockmapEngine::new() {
+                Ok(engine) => Forwarding::Sockmap(Arc::new(engine)),
+                Err(error) => {
+                    tracing::warn!(
+                        error = %ErrorChain(&error),
+                        "--forward sockmap is not available; forwarding with copy instead"
+                    );
+                    Forwarding::Copy
+                }
+            },
+        }
+    }
+
+    /// The forwarder in use (copy after a sockmap fallback).
+    pub fn forwarder(&self) -> Forwarder {
+        match self {
+            Forwarding::Copy => Forwarder::Copy,
+            Forwarding::Splice => Forwarder::Splice,
+            Forwarding::Sockmap(_) => Forwarder::Sockmap,
+        }
+    }
+}
+
+/// An error with its sources, for one log line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
 /// Forwards both directions of a connection with the chosen forwarder until
 /// both have ended. An error means the forwarder could not start; both
 /// sockets are then reset.
 pub async fn forward(
-    forwarder: Forwarder,
+    forwarding: &Forwarding,
     client: &TcpStream,
     upstream: &TcpStream,
 ) -> io::Result<Forwarded> {
-    let forwarded = match forwarder {
-        Forwarder::Copy => Ok(copy::forward(client, upstream).await),
-        Forwarder::Splice => splice::forward(client, upstream).await,
+    let forwarded = match forwarding {
+        Forwarding::Copy => Ok(copy::forward(client, upstream).await),
+        Forwarding::Splice => splice::forward(client, upstream).await,
+        Forwarding::Sockmap(engine) => match sockmap::forward(engine, client, upstream).await {
+            sockmap::Outcome::Forwarded(forwarded) => Ok(forwarded),
+            sockmap::Outcome::NotJoined(error) => {
+                // No byte went through the kernel's redirect: copy can take
+                // the connection from its first byte.
+                sockmap::warn_not_joined(&error);
+                Ok(copy::forward(client, upstream).await)
+            }
+            sockmap::Outcome::Failed(error) => Err(error),
+        },
     };
     if forwarded.is_err() {
         abort(client);

@@ -205,7 +205,20 @@ pub struct Sluice {
 impl Sluice {
     /// Starts `sluice run <args>` and waits until it says it is ready.
     pub fn run(pod: &Netns, args: &[&str]) -> Sluice {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        Sluice::run_wrapped(pod, &[], args)
+    }
+
+    /// Like [`Sluice::run`], with sluice started through `wrapper` (a
+    /// command and its arguments, e.g. `setpriv` to drop capabilities).
+    pub fn run_wrapped(pod: &Netns, wrapper: &[&str], args: &[&str]) -> Sluice {
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_sluice"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+        };
         command
             .arg("run")
             .args(args)
