@@ -4,25 +4,27 @@
 //! idle connections stay cheap, and doubles whenever a read fills it, up to
 //! [`MAX_BUFFER`], so that bulk streams move in large chunks.
 
-use std::net::Shutdown;
-
 use tokio_uring::net::TcpStream;
 
-use super::{Direction, End, Forwarded};
+use super::{Direction, End, Forwarded, Teardown};
 
 const INITIAL_BUFFER: usize = 4 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 
 /// Forwards both directions concurrently until both have ended.
 pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
-    let (to_upstream, to_client) = futures::join!(pump(client, upstream), pump(upstream, client));
+    let teardown = Teardown::default();
+    let (to_upstream, to_client) = futures::join!(
+        pump(client, upstream, &teardown),
+        pump(upstream, client, &teardown)
+    );
     Forwarded {
         upstream: to_upstream,
         downstream: to_client,
     }
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
+async fn pump(from: &TcpStream, to: &TcpStream, teardown: &Teardown) -> Direction {
     let mut buffer = Vec::with_capacity(INITIAL_BUFFER);
     let mut bytes = 0u64;
     loop {
@@ -31,10 +33,8 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
         buffer = returned;
         let n = match read {
             Ok(0) => {
-                // Half-close: pass the FIN on and let the other direction go
-                // on. A failure here means `to` is already gone, which the
-                // other direction reports.
-                let _ = to.shutdown(Shutdown::Write);
+                // Half-close: the other direction goes on.
+                teardown.pass_fin(to);
                 return Direction {
                     bytes,
                     end: End::Eof,
@@ -42,7 +42,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
             }
             Ok(n) => n,
             Err(error) => {
-                super::abort(to);
+                teardown.reset(to);
                 return Direction {
                     bytes,
                     end: End::ReadFailed(error),
@@ -53,7 +53,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
         let (written, returned) = to.write_all(buffer).await;
         buffer = returned;
         if let Err(error) = written {
-            super::abort(from);
+            teardown.reset(from);
             return Direction {
                 bytes,
                 end: End::WriteFailed(error),

@@ -129,6 +129,32 @@ pub async fn forward(
     forwarded
 }
 
+/// What the two directions of one connection share: whether either of them
+/// has started resetting it. The other direction may then read end of stream
+/// rather than the error (one syscall takes a socket's pending error), and it
+/// must not send a FIN ahead of the reset.
+#[derive(Default)]
+struct Teardown {
+    resetting: std::cell::Cell<bool>,
+}
+
+impl Teardown {
+    /// See [`abort`]; also tells the other direction.
+    fn reset(&self, socket: &TcpStream) {
+        self.resetting.set(true);
+        abort(socket);
+    }
+
+    /// Half-close: passes the FIN on, unless the connection is being reset.
+    /// A failure means `to` is already gone, which the other direction
+    /// reports.
+    fn pass_fin(&self, to: &TcpStream) {
+        if !self.resetting.get() {
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
 /// Passes a failure on to the peer behind `socket`: its close becomes a
 /// reset, and the direction reading from it wakes up (end of stream) so the
 /// connection can finish and close.

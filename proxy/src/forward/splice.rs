@@ -14,12 +14,11 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
 use tokio_uring::net::TcpStream;
 
-use super::{Direction, End, Forwarded};
+use super::{Direction, End, Forwarded, Teardown};
 use crate::linux::{self, Pipe};
 use crate::uring;
 
@@ -37,14 +36,18 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> io::Result<For
     // TCP's splice honours the file's O_NONBLOCK, not SPLICE_F_NONBLOCK.
     linux::set_nonblocking(client)?;
     linux::set_nonblocking(upstream)?;
-    let (to_upstream, to_client) = futures::join!(pump(client, upstream), pump(upstream, client));
+    let teardown = Teardown::default();
+    let (to_upstream, to_client) = futures::join!(
+        pump(client, upstream, &teardown),
+        pump(upstream, client, &teardown)
+    );
     Ok(Forwarded {
         upstream: to_upstream,
         downstream: to_client,
     })
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
+async fn pump(from: &TcpStream, to: &TcpStream, teardown: &Teardown) -> Direction {
     let mut bytes = 0u64;
     loop {
         let end = match readable(from).await {
@@ -64,22 +67,22 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Direction {
         match end {
             None => continue,
             Some(End::Eof) => {
-                // Half-close: pass the FIN on; the other direction goes on.
-                let _ = to.shutdown(Shutdown::Write);
+                // Half-close: the other direction goes on.
+                teardown.pass_fin(to);
                 return Direction {
                     bytes,
                     end: End::Eof,
                 };
             }
             Some(End::ReadFailed(error)) => {
-                super::abort(to);
+                teardown.reset(to);
                 return Direction {
                     bytes,
                     end: End::ReadFailed(error),
                 };
             }
             Some(End::WriteFailed(error)) => {
-                super::abort(from);
+                teardown.reset(from);
                 return Direction {
                     bytes,
                     end: End::WriteFailed(error),
