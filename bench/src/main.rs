@@ -27,7 +27,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 use crate::machine::Machine;
 use crate::profile::{LoadKind, Profile, ProfileName};
-use crate::scenario::{Scenario, Tools};
+use crate::scenario::{Patience, Scenario, Tools};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -118,6 +118,7 @@ fn bench(cli: Cli) -> Result<bool> {
         workers: cli.workers.unwrap_or(machine.cores).max(1),
         max_connections: profile.max_connections() + 100,
         scratch: std::env::temp_dir(),
+        patience: Patience::new(profile.wait_budget),
     };
     eprintln!(
         "sluice-bench: profile {}, {} scenarios ({}), {} cores, kernel {}",
@@ -133,16 +134,14 @@ fn bench(cli: Cli) -> Result<bool> {
     );
     let start = Instant::now();
     let conntrack_max = conntrack_max();
-    let results = scenarios
-        .iter()
-        .map(|s| run::scenario(s, &tools, &profile))
-        .collect();
+    let results = run::all(&scenarios, &tools, &profile);
     let run = report::Run {
         machine,
         profile,
         conntrack_max,
         fd_limit,
         notes,
+        wait_budget_left_s: tools.patience.left().as_secs_f64(),
         elapsed_s: start.elapsed().as_secs_f64(),
         scenarios: results,
     };

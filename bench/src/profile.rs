@@ -44,11 +44,17 @@ pub struct Profile {
     pub crr: crr::Params,
     pub bulk: Vec<bulk::Params>,
     pub hold: hold::Params,
+    /// Timed loads (RR, bulk, CRR) run this many times per scenario, the
+    /// scenarios taking turns; the durations above are per round.
+    pub rounds: u32,
     /// Before each load, how long to wait for other processes to leave the
     /// machine alone.
     pub quiet_wait: Duration,
     /// Tries per load: a disturbed load is repeated until this many.
     pub attempts: u32,
+    /// All the waiting and repeating of a run together: beyond it, loads run
+    /// at once and disturbed ones are kept (and marked).
+    pub wait_budget: Duration,
 }
 
 impl Profile {
@@ -76,8 +82,10 @@ impl Profile {
                     hold: ms(300),
                     parallel: 64,
                 },
+                rounds: 1,
                 quiet_wait: Duration::ZERO,
                 attempts: 1,
+                wait_budget: Duration::ZERO,
             },
             ProfileName::Quick => Profile {
                 name,
@@ -85,22 +93,24 @@ impl Profile {
                 rr: rr::Params {
                     connections: 16,
                     rate: 4000.0,
-                    duration: s(8),
+                    duration: s(4),
                     warmup: 50,
                 },
                 crr: crr::Params {
                     clients: 8,
-                    duration: s(5),
+                    duration: ms(2500),
                 },
-                bulk: bulk_params(s(3)),
+                bulk: bulk_params(ms(1500)),
                 hold: hold::Params {
                     connections: 2000,
                     steps: 5,
                     hold: s(1),
                     parallel: 128,
                 },
+                rounds: 2,
                 quiet_wait: s(20),
                 attempts: 2,
+                wait_budget: s(60),
             },
             ProfileName::Default => Profile {
                 name,
@@ -108,22 +118,24 @@ impl Profile {
                 rr: rr::Params {
                     connections: 32,
                     rate: 8000.0,
-                    duration: s(45),
+                    duration: s(15),
                     warmup: 100,
                 },
                 crr: crr::Params {
                     clients: 16,
-                    duration: s(20),
+                    duration: s(7),
                 },
-                bulk: bulk_params(s(15)),
+                bulk: bulk_params(s(5)),
                 hold: hold::Params {
                     connections: 10_000,
                     steps: 10,
                     hold: s(3),
                     parallel: 256,
                 },
-                quiet_wait: s(600),
+                rounds: 3,
+                quiet_wait: s(120),
                 attempts: 3,
+                wait_budget: s(900),
             },
         }
     }

@@ -28,6 +28,8 @@ pub struct Run {
     pub fd_limit: u64,
     /// Deviations from the profile, and why.
     pub notes: Vec<String>,
+    /// What was left of the profile's waiting/repeating budget at the end.
+    pub wait_budget_left_s: f64,
     pub elapsed_s: f64,
     pub scenarios: Vec<ScenarioResult>,
 }
@@ -174,6 +176,14 @@ fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
     drawn
 }
 
+/// "7.0 s" or "3 rounds of 7.0 s".
+fn rounds(run: &Run, per_round: std::time::Duration) -> String {
+    match run.profile.rounds {
+        0 | 1 => secs(per_round),
+        n => format!("{n} rounds of {}", secs(per_round)),
+    }
+}
+
 fn secs(d: std::time::Duration) -> String {
     let s = d.as_secs_f64();
     if s < 10.0 {
@@ -215,17 +225,21 @@ fn bypassed<T>(s: &ScenarioResult, l: &Loaded<T>) -> String {
 /// the load, bold when the load counts as disturbed.
 fn others<T>(l: Option<&Loaded<T>>) -> String {
     let Some(l) = l else { return "—".into() };
-    let i = &l.interference;
-    let text = format!("{:.0}% / {:.0}%", i.other_cpu * 100.0, i.steal * 100.0);
-    let retried = if l.attempts > 1 || !l.discarded.is_empty() {
-        format!(" (best of {})", l.discarded.len() + 1)
-    } else {
-        String::new()
+    let worst = l.worst();
+    let text = format!(
+        "{:.0}% / {:.0}%",
+        worst.other_cpu * 100.0,
+        worst.steal * 100.0
+    );
+    let repeats = match l.repeats() {
+        0 => String::new(),
+        1 => " (1 repeat)".into(),
+        n => format!(" ({n} repeats)"),
     };
-    if i.disturbed() {
-        format!("**{text}**{retried}")
+    if worst.disturbed() {
+        format!("**{text}**{repeats}")
     } else {
-        format!("{text}{retried}")
+        format!("{text}{repeats}")
     }
 }
 
@@ -236,7 +250,7 @@ fn errors<T>(total: u64, l: Option<&Loaded<T>>) -> String {
     } else {
         format!("**{total}**")
     };
-    let discarded: u64 = l.map_or(0, |l| l.discarded.iter().map(|d| d.errors).sum());
+    let discarded: u64 = l.map_or(0, Loaded::discarded_errors);
     if discarded > 0 {
         text += &format!(" (+**{discarded}** in discarded attempts)");
     }
@@ -307,7 +321,11 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         "Each scenario runs on a fresh pair of network namespaces, client ⇄ veth ⇄ pod. \
          The workload (a tokio echo/sink server, one thread) and the interceptor run in the \
          pod namespace, the load generators in the client namespace, all on the same {} cores. \
-         Ratios compare with `direct` of this same run.\n",
+         Ratios compare with `direct` of this same run. All scenarios are set up first and \
+         stay up; the timed loads (RR, bulk, CRR) then run in rounds in which the scenarios \
+         take turns, each round starting with a different one, so that load from elsewhere \
+         on the machine falls on every scenario alike; each scenario's rounds are merged \
+         (histograms added, counts and times summed).\n",
         m.cores
     );
     let _ = writeln!(md, "| scenario | interceptor |\n| --- | --- |");
@@ -349,12 +367,15 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
          threads (their CPU times in /proc/<pid>/stat, sampled every 250 ms); \"steal\" is \
          the time the hypervisor gave our virtual CPUs to someone else (/proc/stat). Above {:.0}% others or {:.0}% steal a load counts as \
          disturbed (bold): it is repeated after waiting for a quiet moment, up to {} attempts \
-         in this profile, and the least disturbed attempt is kept (chosen by disturbance, \
+         and within {} of waiting and repeating per run ({} left at the end of this one); \
+         the least disturbed attempt is kept (chosen by disturbance, \
          never by its figures; \"best of N\"). Errors and bypasses of discarded attempts are \
          in results.json (bypasses are counted over all attempts).\n",
         crate::sysload::DISTURBED_OTHER * 100.0,
         crate::sysload::DISTURBED_STEAL * 100.0,
-        run.profile.attempts
+        run.profile.attempts,
+        secs(run.profile.wait_budget),
+        secs(std::time::Duration::from_secs_f64(run.wait_budget_left_s)),
     );
 
     // A load left out with --loads has no section at all.
@@ -393,7 +414,7 @@ fn rr_table(
          \"service p50\" is from the actual send, for reference.\n",
         p.connections,
         p.rate,
-        secs(p.duration)
+        rounds(run, p.duration)
     );
     let _ = writeln!(
         md,
@@ -446,7 +467,7 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         "{} parallel clients, each in a loop: connect, 64-byte request, its echo, close \
          (the client closes first), for {}. Latency is connect to reply.\n",
         p.clients,
-        secs(p.duration)
+        rounds(run, p.duration)
     );
     let _ = writeln!(
         md,
@@ -500,7 +521,7 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         .profile
         .bulk
         .first()
-        .map_or("?".into(), |b| secs(b.duration));
+        .map_or("?".into(), |b| rounds(run, b.duration));
     let _ = writeln!(md, "## Bulk throughput\n");
     let _ = writeln!(
         md,

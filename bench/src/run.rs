@@ -1,6 +1,16 @@
-//! One scenario: a fresh client ⇄ pod topology, the workload, the
-//! interceptor, then every load in turn; everything is torn down at the end
+//! The run: every scenario gets a fresh client ⇄ pod topology, the workload
+//! and its interceptor, set up one after the other and kept up until the end;
+//! then the loads go through them. Everything is torn down at the end
 //! (guards), also when a load fails or panics.
+//!
+//! Timed loads (RR, bulk, CRR) run in rounds, the scenarios taking turns
+//! within each round and a different scenario starting each round. On a
+//! shared machine, load from elsewhere comes and goes over minutes; in turns,
+//! every scenario gets its share of good and bad moments instead of one
+//! scenario getting all of a bad one, which would make its ratio to `direct`
+//! say something about the neighbours rather than about the interceptor.
+//! Idle interceptors cost nothing meanwhile (checked: 0 CPU ticks), and any
+//! CPU they did use would show as interference.
 //!
 //! Load order matters: the concurrency load runs first, on an empty
 //! conntrack table, and CRR runs last, because its hundreds of thousands of
@@ -9,13 +19,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use netlab::{ClientPod, Netns};
 use serde::Serialize;
 
 use crate::load::{bulk, crr, hold, rr, Errors};
 use crate::profile::{LoadKind, Profile};
-use crate::scenario::{Interceptor, Proxy, Scenario, Stopped, Tools, PORT};
+use crate::scenario::{Interceptor, Patience, Proxy, Scenario, Stopped, Tools, PORT};
 use crate::sysload::{self, Interference, Monitor};
 use crate::workload::{Peers, Workload};
 
@@ -29,6 +39,7 @@ pub struct ScenarioResult {
     pub error: Option<String>,
     pub loads: Loads,
     pub proxy: Option<Stopped>,
+    /// Time spent in this scenario's loads.
     pub elapsed_s: f64,
 }
 
@@ -40,18 +51,24 @@ pub struct Loads {
     pub crr: Option<Loaded<CrrFigures>>,
 }
 
-/// A load's outcome: its figures, or why there are none, and which way the
-/// workload's connections came during it.
+/// A load's outcome over all its rounds: the merged figures, or why there
+/// are none, and which way the workload's connections came.
 #[derive(Debug, Serialize)]
 pub struct Loaded<T> {
     pub report: Option<T>,
     pub error: Option<String>,
+    /// Over every attempt of every round, discarded attempts included.
     pub peers: Peers,
-    /// What other processes took of the machine during the attempt kept.
+    pub rounds: Vec<Round>,
+}
+
+/// One round of a load: how disturbed the kept attempt was, and the
+/// attempts that were not kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
     pub interference: Interference,
-    /// Which attempt this is (1, or more when earlier ones were disturbed).
+    /// Which attempt was kept (1, or more when earlier ones were disturbed).
     pub attempts: u32,
-    /// The attempts not kept: how disturbed they were, how many errors.
     pub discarded: Vec<Discarded>,
 }
 
@@ -61,23 +78,18 @@ pub struct Discarded {
     pub errors: u64,
 }
 
-impl Discarded {
-    fn of<T: Figures>(l: &Loaded<T>) -> Discarded {
-        Discarded {
-            interference: l.interference.clone(),
-            errors: l.report.as_ref().map_or(0, Figures::error_count),
-        }
-    }
-}
-
-/// What every load's figures can tell about themselves.
-pub trait Figures {
+/// What every load's figures can do: tell their errors, absorb another round.
+pub trait Figures: Sized {
     fn error_count(&self) -> u64;
+    fn merge(&mut self, other: Self) -> Result<()>;
 }
 
 impl Figures for rr::Report {
     fn error_count(&self) -> u64 {
         self.errors.total()
+    }
+    fn merge(&mut self, other: Self) -> Result<()> {
+        rr::Report::merge(self, other)
     }
 }
 
@@ -85,17 +97,31 @@ impl Figures for HoldFigures {
     fn error_count(&self) -> u64 {
         self.report.errors.total()
     }
+    fn merge(&mut self, _: Self) -> Result<()> {
+        bail!("the concurrency load runs once; its samples do not merge")
+    }
 }
 
 impl Figures for BulkFigures {
     fn error_count(&self) -> u64 {
         self.report.errors.total()
     }
+    fn merge(&mut self, other: Self) -> Result<()> {
+        self.report.merge(other.report);
+        self.proxy_cpu_s = self.proxy_cpu_s.zip(other.proxy_cpu_s).map(|(a, b)| a + b);
+        self.proxy_cpu_s_per_gb = cpu_per_gb(self.proxy_cpu_s, self.report.bytes);
+        Ok(())
+    }
 }
 
 impl Figures for CrrFigures {
     fn error_count(&self) -> u64 {
         self.report.errors.total()
+    }
+    fn merge(&mut self, other: Self) -> Result<()> {
+        self.report.merge(other.report)?;
+        self.conntrack_after = other.conntrack_after;
+        Ok(())
     }
 }
 
@@ -104,6 +130,45 @@ impl<T> Loaded<T> {
     /// `direct`, where that is the point.
     pub fn bypassed(&self, direct: bool) -> Option<u64> {
         (!direct).then_some(self.peers.not_via_proxy)
+    }
+
+    /// The worst interference of any kept round.
+    pub fn worst(&self) -> Interference {
+        let mut worst = Interference::default();
+        for r in &self.rounds {
+            worst.other_cpu = worst.other_cpu.max(r.interference.other_cpu);
+            worst.steal = worst.steal.max(r.interference.steal);
+        }
+        worst
+    }
+
+    pub fn repeats(&self) -> usize {
+        self.rounds.iter().map(|r| r.discarded.len()).sum()
+    }
+
+    pub fn discarded_errors(&self) -> u64 {
+        self.rounds
+            .iter()
+            .flat_map(|r| &r.discarded)
+            .map(|d| d.errors)
+            .sum()
+    }
+}
+
+impl<T: Figures> Loaded<T> {
+    /// Takes in the next round of the same load.
+    fn absorb(&mut self, other: Loaded<T>) -> Result<()> {
+        self.peers = self.peers.plus(other.peers);
+        self.rounds.extend(other.rounds);
+        if self.error.is_none() {
+            self.error = other.error;
+        }
+        match (&mut self.report, other.report) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs)?,
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+        Ok(())
     }
 }
 
@@ -114,6 +179,11 @@ pub struct BulkFigures {
     /// utime + stime of the interceptor over the load.
     pub proxy_cpu_s: Option<f64>,
     pub proxy_cpu_s_per_gb: Option<f64>,
+}
+
+fn cpu_per_gb(cpu_s: Option<f64>, bytes: u64) -> Option<f64> {
+    let gb = bytes as f64 / 1e9;
+    cpu_s.filter(|_| gb > 0.0).map(|cpu| cpu / gb)
 }
 
 #[derive(Debug, Serialize)]
@@ -134,89 +204,170 @@ pub struct HoldFigures {
 pub struct CrrFigures {
     #[serde(flatten)]
     pub report: crr::Report,
-    /// The pod's conntrack count right after the load: entries of closed
-    /// connections linger (TIME_WAIT is 120 s in conntrack).
+    /// The pod's conntrack count right after the (last round of the) load:
+    /// entries of closed connections linger (TIME_WAIT is 120 s in conntrack).
     pub conntrack_after: Option<u64>,
 }
 
-pub fn scenario(scenario: &Scenario, tools: &Tools, profile: &Profile) -> ScenarioResult {
-    let start = Instant::now();
-    let mut result = ScenarioResult {
-        name: scenario.name.clone(),
-        interceptor: scenario.interceptor.clone(),
-        skipped: None,
-        error: None,
-        loads: Loads::default(),
-        proxy: None,
-        elapsed_s: 0.0,
-    };
-    if scenario.interceptor == Interceptor::Haproxy && tools.haproxy.is_none() {
-        let why = "haproxy is not installed (make bench-deps installs it)";
-        progress(&scenario.name, "skipped", why);
-        result.skipped = Some(why.into());
-        return result;
+/// Runs every scenario through every load of the profile.
+pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<ScenarioResult> {
+    let mut results: Vec<ScenarioResult> = scenarios
+        .iter()
+        .map(|s| ScenarioResult {
+            name: s.name.clone(),
+            interceptor: s.interceptor.clone(),
+            skipped: None,
+            error: None,
+            loads: Loads::default(),
+            proxy: None,
+            elapsed_s: 0.0,
+        })
+        .collect();
+    let mut lives = Vec::new();
+    for (index, scenario) in scenarios.iter().enumerate() {
+        if scenario.interceptor == Interceptor::Haproxy && tools.haproxy.is_none() {
+            let why = "haproxy is not installed (make bench-deps installs it)";
+            progress(&scenario.name, "skipped", why);
+            results[index].skipped = Some(why.into());
+            continue;
+        }
+        match Live::start(index, scenario, tools) {
+            Ok(live) => lives.push(live),
+            Err(e) => {
+                progress(&scenario.name, "FAILED", &format!("{e:#}"));
+                results[index].error = Some(format!("{e:#}"));
+            }
+        }
     }
-    if let Err(e) = run_loads(scenario, tools, profile, &mut result) {
-        progress(&scenario.name, "FAILED", &format!("{e:#}"));
-        result.error = Some(format!("{e:#}"));
-    }
-    result.elapsed_s = start.elapsed().as_secs_f64();
-    result
-}
 
-fn run_loads(
-    scenario: &Scenario,
-    tools: &Tools,
-    profile: &Profile,
-    result: &mut ScenarioResult,
-) -> Result<()> {
-    let name = scenario.name.as_str();
-    let topology =
-        ClientPod::new(&format!("b-{}", short(name))).context("building client ⇄ pod")?;
-    let (client, pod) = (&topology.client, &topology.pod);
-    tune_client(client)?;
-    let workload = Workload::start(
-        pod,
-        SocketAddr::from((ClientPod::POD_V4, PORT)),
-        Duration::ZERO,
-    )?;
-    let target = workload.addr();
-    let proxy = Proxy::start(scenario, tools, pod, client, &workload)?;
-    let mut bench = Bench {
-        name,
-        client,
-        pod,
-        target,
-        workload: &workload,
-        proxy,
-    };
-    if let Some(proxy) = &bench.proxy {
-        progress(name, "started", &proxy.command);
+    if profile.runs(LoadKind::Concurrency) {
+        // Untimed (counts and memory), so one pass, scenario by scenario.
+        for live in &mut lives {
+            let hold = |l: &Live| l.hold(profile.hold);
+            match live.measure("concurrency", false, &hold, profile) {
+                Ok(loaded) => {
+                    live.say_hold("concurrency", &loaded);
+                    results[live.index].loads.concurrency = Some(loaded);
+                }
+                Err(e) => live.died(&mut results, e),
+            }
+        }
     }
-    let outcome = bench.all(profile, &mut result.loads);
-    // Stopped here, while the namespaces still exist, so sluice can remove
-    // its rules and report how it ended.
-    result.proxy = bench.proxy.take().map(|p| {
-        let stopped = p.stop();
-        if stopped.log.warnings + stopped.log.errors > 0 {
-            progress(
-                name,
-                "log",
-                &format!(
-                    "{} warnings, {} errors; first: {}",
-                    stopped.log.warnings,
-                    stopped.log.errors,
-                    stopped
-                        .log
-                        .first_problems
-                        .first()
-                        .map_or("", String::as_str)
-                ),
+    if profile.runs(LoadKind::Rr) {
+        let rr = |l: &Live| rr::run(l.client(), l.target, profile.rr);
+        interleaved(
+            &mut lives,
+            &mut results,
+            profile,
+            "rr",
+            rr,
+            |l, label, x| l.say_rr(label, x),
+            |loads, l| loads.rr = Some(l),
+        );
+    }
+    if profile.runs(LoadKind::Bulk) {
+        for params in &profile.bulk {
+            let name = format!("bulk x{}", params.streams);
+            let bulk = |l: &Live| l.bulk(*params);
+            interleaved(
+                &mut lives,
+                &mut results,
+                profile,
+                &name,
+                bulk,
+                |l, label, x| l.say_bulk(label, x),
+                |loads, l| loads.bulk.push(l),
             );
         }
-        stopped
-    });
-    outcome
+    }
+    if profile.runs(LoadKind::Crr) {
+        let crr = |l: &Live| l.crr(profile.crr);
+        interleaved(
+            &mut lives,
+            &mut results,
+            profile,
+            "crr",
+            crr,
+            |l, label, x| l.say_crr(label, x),
+            |loads, l| loads.crr = Some(l),
+        );
+    }
+
+    // Stopped while the namespaces still exist, so sluice can remove its
+    // rules and report how it ended.
+    for mut live in lives {
+        let result = &mut results[live.index];
+        result.elapsed_s = live.busy.as_secs_f64();
+        result.proxy = live.proxy.take().map(|p| {
+            let stopped = p.stop();
+            if stopped.log.warnings + stopped.log.errors > 0 {
+                let first = stopped
+                    .log
+                    .first_problems
+                    .first()
+                    .map_or("", String::as_str);
+                let what = format!(
+                    "{} warnings, {} errors; first: {first}",
+                    stopped.log.warnings, stopped.log.errors
+                );
+                progress(&live.name, "log", &what);
+            }
+            stopped
+        });
+    }
+    results
+}
+
+/// Rounds of one timed load, the scenarios taking turns; the rounds of each
+/// scenario are merged and handed to `store`.
+fn interleaved<T: Figures>(
+    lives: &mut [Live],
+    results: &mut [ScenarioResult],
+    profile: &Profile,
+    load: &str,
+    f: impl Fn(&Live) -> Result<T>,
+    say: impl Fn(&Live, &str, &Loaded<T>),
+    store: impl Fn(&mut Loads, Loaded<T>),
+) {
+    let n = lives.len();
+    let rounds = profile.rounds.max(1) as usize;
+    let mut merged: Vec<Option<Loaded<T>>> = (0..n).map(|_| None).collect();
+    for round in 0..rounds {
+        for turn in 0..n {
+            let j = (turn + round) % n;
+            let live = &mut lives[j];
+            if live.dead {
+                continue;
+            }
+            let label = if rounds > 1 {
+                format!("{load} {}/{rounds}", round + 1)
+            } else {
+                load.to_string()
+            };
+            match live.measure(&label, true, &f, profile) {
+                Ok(loaded) => {
+                    say(live, &label, &loaded);
+                    match &mut merged[j] {
+                        Some(all) => {
+                            if let Err(e) = all.absorb(loaded) {
+                                all.error.get_or_insert(format!("{e:#}"));
+                            }
+                        }
+                        empty @ None => *empty = Some(loaded),
+                    }
+                }
+                Err(e) => live.died(results, e),
+            }
+        }
+    }
+    for (live, loaded) in lives.iter().zip(merged) {
+        if let Some(loaded) = loaded {
+            if rounds > 1 {
+                say(live, &format!("{load} (all rounds)"), &loaded);
+            }
+            store(&mut results[live.index].loads, loaded);
+        }
+    }
 }
 
 /// Namespace names are limited; the purpose keeps the scenario recognisable.
@@ -234,69 +385,92 @@ fn tune_client(client: &Netns) -> Result<()> {
     Ok(())
 }
 
-struct Bench<'a> {
-    name: &'a str,
-    client: &'a Netns,
-    pod: &'a Netns,
-    target: SocketAddr,
-    workload: &'a Workload,
+/// A scenario that is up: its topology, workload and interceptor. Fields drop
+/// in order: the interceptor first, the namespaces last.
+struct Live<'a> {
     proxy: Option<Proxy>,
+    workload: Workload,
+    topology: ClientPod,
+    index: usize,
+    name: String,
+    target: SocketAddr,
+    patience: &'a Patience,
+    /// The interceptor died: no further load for this scenario.
+    dead: bool,
+    busy: Duration,
 }
 
-impl Bench<'_> {
-    fn all(&mut self, profile: &Profile, loads: &mut Loads) -> Result<()> {
-        if profile.runs(LoadKind::Concurrency) {
-            let loaded = self.measure("concurrency", |b| b.hold(profile.hold), profile)?;
-            self.say_hold(&loaded);
-            loads.concurrency = Some(loaded);
+impl<'a> Live<'a> {
+    fn start(index: usize, scenario: &Scenario, tools: &'a Tools) -> Result<Live<'a>> {
+        let name = scenario.name.clone();
+        let topology =
+            ClientPod::new(&format!("b-{}", short(&name))).context("building client ⇄ pod")?;
+        tune_client(&topology.client)?;
+        let address = SocketAddr::from((ClientPod::POD_V4, PORT));
+        let workload = Workload::start(&topology.pod, address, Duration::ZERO)?;
+        let proxy = Proxy::start(scenario, tools, &topology.pod, &topology.client, &workload)?;
+        if let Some(proxy) = &proxy {
+            progress(&name, "started", &proxy.command);
         }
-        if profile.runs(LoadKind::Rr) {
-            let rr = |b: &Self| rr::run(b.client, b.target, profile.rr);
-            let loaded = self.measure("rr", rr, profile)?;
-            self.say_rr(&loaded);
-            loads.rr = Some(loaded);
-        }
-        if profile.runs(LoadKind::Bulk) {
-            for params in &profile.bulk {
-                let load = format!("bulk x{}", params.streams);
-                let loaded = self.measure(&load, |b| b.bulk(*params), profile)?;
-                self.say_bulk(&loaded);
-                loads.bulk.push(loaded);
-            }
-        }
-        if profile.runs(LoadKind::Crr) {
-            let loaded = self.measure("crr", |b| b.crr(profile.crr), profile)?;
-            self.say_crr(&loaded);
-            loads.crr = Some(loaded);
-        }
-        Ok(())
+        Ok(Live {
+            proxy,
+            target: workload.addr(),
+            workload,
+            topology,
+            index,
+            name,
+            patience: &tools.patience,
+            dead: false,
+            busy: Duration::ZERO,
+        })
     }
 
-    /// Runs one load; its failure is recorded and the scenario goes on,
-    /// unless the interceptor has died (then nothing after it means anything).
+    fn client(&self) -> &Netns {
+        &self.topology.client
+    }
+
+    fn died(&mut self, results: &mut [ScenarioResult], e: anyhow::Error) {
+        progress(&self.name, "FAILED", &format!("{e:#}"));
+        self.dead = true;
+        results[self.index].error.get_or_insert(format!("{e:#}"));
+    }
+
+    /// Runs one round of a load. Its failure is recorded and the run goes
+    /// on; an Err means the interceptor died (nothing after that means
+    /// anything for this scenario).
     ///
     /// The cores are shared (other processes, and the hypervisor's other
-    /// guests: steal). A disturbed load is repeated, up to the profile's
+    /// guests: steal). A disturbed round is repeated, up to the profile's
     /// attempts, after waiting for quiet; the attempt kept is the least
     /// disturbed one — chosen by the disturbance, never by its figures. A
     /// failed attempt ends the repeats and is what gets reported, and the
     /// bypass count covers every attempt, discarded ones too.
+    ///
+    /// Loads whose figures are not times (`timed` false: conntrack counts and
+    /// memory) run once, without waiting: a second attempt would start from a
+    /// proxy that already grew, and its memory per connection would be wrong.
     fn measure<T: Figures>(
         &mut self,
         load: &str,
-        f: impl Fn(&Self) -> Result<T>,
+        timed: bool,
+        f: &impl Fn(&Self) -> Result<T>,
         profile: &Profile,
     ) -> Result<Loaded<T>> {
-        let mut kept: Option<Loaded<T>> = None;
+        let mut kept: Option<(Result<T>, Interference, u32)> = None;
         let mut discarded = Vec::new();
         let mut peers = Peers::default();
-        for attempt in 1..=profile.attempts.max(1) {
-            self.wait_quiet(load, profile.quiet_wait);
-            progress(self.name, load, "running");
+        let attempts = if timed { profile.attempts.max(1) } else { 1 };
+        for attempt in 1..=attempts {
+            if timed {
+                self.wait_quiet(load, profile.quiet_wait);
+            }
+            progress(&self.name, load, "running");
+            let started = Instant::now();
             let before = self.workload.peers();
             let monitor = Monitor::start(self.our_pids());
             let outcome = f(self);
             let interference = monitor.stop();
+            self.busy += started.elapsed();
             // Let the last accepts land before counting.
             std::thread::sleep(Duration::from_millis(50));
             peers = peers.plus(self.workload.peers().since(before));
@@ -305,60 +479,62 @@ impl Bench<'_> {
                     .check_alive()
                     .with_context(|| format!("after the {load} load"))?;
             }
-            let this = match outcome {
-                Ok(report) => Loaded {
-                    report: Some(report),
-                    error: None,
-                    peers,
-                    interference: interference.clone(),
-                    attempts: attempt,
-                    discarded: Vec::new(),
-                },
-                Err(e) => {
-                    progress(self.name, load, &format!("FAILED: {e:#}"));
-                    Loaded {
-                        report: None,
-                        error: Some(format!("{e:#}")),
-                        peers,
-                        interference: interference.clone(),
-                        attempts: attempt,
-                        discarded: Vec::new(),
-                    }
-                }
-            };
-            let failed = this.report.is_none();
+            let failed = outcome.is_err();
+            let disturbed = interference.disturbed();
             let better = kept
                 .as_ref()
-                .is_none_or(|k| interference.weight() < k.interference.weight());
-            if failed || better {
-                if let Some(old) = kept.replace(this) {
-                    discarded.push(Discarded::of(&old));
-                }
+                .is_none_or(|k| interference.weight() < k.1.weight());
+            let this = (outcome, interference, attempt);
+            let dropped = if failed || better {
+                kept.replace(this)
             } else {
-                discarded.push(Discarded::of(&this));
+                Some(this)
+            };
+            if let Some((outcome, interference, _)) = dropped {
+                let errors = outcome.as_ref().map_or(0, Figures::error_count);
+                discarded.push(Discarded {
+                    interference,
+                    errors,
+                });
             }
-            if failed || !interference.disturbed() {
+            if failed || !disturbed || attempt == attempts {
                 break;
             }
-            if attempt < profile.attempts {
-                progress(
-                    self.name,
-                    load,
-                    &format!("disturbed ({}); repeating", interference.describe()),
-                );
+            // A repeat costs the run time, as waiting does: both come out of
+            // one budget, so a busy machine cannot stretch a run without end.
+            if !self.patience.spend(started.elapsed()) {
+                progress(&self.name, load, "disturbed; no time left to repeat it");
+                break;
             }
-        }
-        let mut loaded = kept.ok_or_else(|| anyhow::anyhow!("no attempt of {load} ran"))?;
-        loaded.peers = peers;
-        loaded.discarded = discarded;
-        if loaded.interference.disturbed() {
             let what = format!(
-                "kept despite disturbance ({})",
-                loaded.interference.describe()
+                "disturbed ({}); repeating",
+                kept.as_ref().map_or(String::new(), |k| k.1.describe())
             );
-            progress(self.name, load, &what);
+            progress(&self.name, load, &what);
         }
-        Ok(loaded)
+        let (outcome, interference, attempts) =
+            kept.ok_or_else(|| anyhow::anyhow!("no attempt of {load} ran"))?;
+        if interference.disturbed() {
+            let what = format!("kept despite disturbance ({})", interference.describe());
+            progress(&self.name, load, &what);
+        }
+        let (report, error) = match outcome {
+            Ok(report) => (Some(report), None),
+            Err(e) => {
+                progress(&self.name, load, &format!("FAILED: {e:#}"));
+                (None, Some(format!("{e:#}")))
+            }
+        };
+        Ok(Loaded {
+            report,
+            error,
+            peers,
+            rounds: vec![Round {
+                interference,
+                attempts,
+                discarded,
+            }],
+        })
     }
 
     fn our_pids(&self) -> Vec<u32> {
@@ -367,14 +543,16 @@ impl Bench<'_> {
         pids
     }
 
-    /// Waits, at most `limit`, until other processes leave the machine alone.
+    /// Waits, at most `limit` and what is left of the run's budget, until
+    /// other processes and guests leave the machine alone.
     fn wait_quiet(&self, load: &str, limit: Duration) {
         let start = Instant::now();
         let mut said = None::<Instant>;
+        let limit = limit.min(self.patience.left());
         while start.elapsed() < limit {
             let idle = sysload::sample(self.our_pids(), Duration::from_secs(1));
             if idle.quiet() {
-                return;
+                break;
             }
             if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
                 let what = format!(
@@ -382,15 +560,17 @@ impl Bench<'_> {
                     idle.describe(),
                     limit.saturating_sub(start.elapsed()).as_secs_f64()
                 );
-                progress(self.name, load, &what);
+                progress(&self.name, load, &what);
                 said = Some(Instant::now());
             }
         }
+        self.patience.spend(start.elapsed());
     }
 
     fn conntrack(&self) -> Option<u64> {
         // Absent when conntrack is not loaded; then there is nothing to count.
-        self.pod
+        self.topology
+            .pod
             .sysctl_get("net.netfilter.nf_conntrack_count")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -406,7 +586,7 @@ impl Bench<'_> {
             conntrack: self.conntrack(),
             proxy_rss_kib: self.proxy.as_ref().and_then(|p| p.rss_kib().ok()),
         };
-        let report = hold::run(self.client, self.target, params, &sampler)?;
+        let report = hold::run(self.client(), self.target, params, &sampler)?;
         let before = report.baseline().copied().unwrap_or_default();
         let conntrack_peak = report.held().filter_map(|s| s.conntrack).max();
         let rss_held = report.held().filter_map(|s| s.proxy_rss_kib).max();
@@ -427,18 +607,17 @@ impl Bench<'_> {
 
     fn bulk(&self, params: bulk::Params) -> Result<BulkFigures> {
         let cpu_before = self.proxy_cpu();
-        let report = bulk::run(self.client, self.target, params)?;
+        let report = bulk::run(self.client(), self.target, params)?;
         let proxy_cpu_s = cpu_before.zip(self.proxy_cpu()).map(|(a, b)| b - a);
-        let gb = report.bytes as f64 / 1e9;
         Ok(BulkFigures {
             proxy_cpu_s,
-            proxy_cpu_s_per_gb: proxy_cpu_s.filter(|_| gb > 0.0).map(|cpu| cpu / gb),
+            proxy_cpu_s_per_gb: cpu_per_gb(proxy_cpu_s, report.bytes),
             report,
         })
     }
 
     fn crr(&self, params: crr::Params) -> Result<CrrFigures> {
-        let report = crr::run(self.client, self.target, params)?;
+        let report = crr::run(self.client(), self.target, params)?;
         Ok(CrrFigures {
             report,
             conntrack_after: self.conntrack(),
@@ -458,7 +637,7 @@ impl Bench<'_> {
         }
     }
 
-    fn say_hold(&self, l: &Loaded<HoldFigures>) {
+    fn say_hold(&self, label: &str, l: &Loaded<HoldFigures>) {
         let Some(f) = &l.report else { return };
         let opt = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}"));
         let line = format!(
@@ -472,10 +651,10 @@ impl Bench<'_> {
             errors_note(&f.report.errors),
             self.bypass_note(l.peers),
         );
-        progress(self.name, "concurrency", &line);
+        progress(&self.name, label, &line);
     }
 
-    fn say_rr(&self, l: &Loaded<rr::Report>) {
+    fn say_rr(&self, label: &str, l: &Loaded<rr::Report>) {
         let Some(r) = &l.report else { return };
         let p = &r.latency;
         let line = format!(
@@ -490,10 +669,10 @@ impl Bench<'_> {
             errors_note(&r.errors),
             self.bypass_note(l.peers),
         );
-        progress(self.name, "rr", &line);
+        progress(&self.name, label, &line);
     }
 
-    fn say_bulk(&self, l: &Loaded<BulkFigures>) {
+    fn say_bulk(&self, label: &str, l: &Loaded<BulkFigures>) {
         let Some(f) = &l.report else { return };
         let cpu = f
             .proxy_cpu_s_per_gb
@@ -504,14 +683,10 @@ impl Bench<'_> {
             errors_note(&f.report.errors),
             self.bypass_note(l.peers),
         );
-        progress(
-            self.name,
-            &format!("bulk x{}", f.report.params.streams),
-            &line,
-        );
+        progress(&self.name, label, &line);
     }
 
-    fn say_crr(&self, l: &Loaded<CrrFigures>) {
+    fn say_crr(&self, label: &str, l: &Loaded<CrrFigures>) {
         let Some(f) = &l.report else { return };
         let r = &f.report;
         let line = format!(
@@ -522,7 +697,7 @@ impl Bench<'_> {
             errors_note(&r.errors),
             self.bypass_note(l.peers),
         );
-        progress(self.name, "crr", &line);
+        progress(&self.name, label, &line);
     }
 }
 

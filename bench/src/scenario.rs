@@ -116,6 +116,37 @@ pub struct Tools {
     /// Connections the interceptor must accept at once (HAProxy's maxconn).
     pub max_connections: usize,
     pub scratch: PathBuf,
+    pub patience: Patience,
+}
+
+/// The run's budget for waiting on a busy machine and repeating disturbed
+/// loads.
+#[derive(Debug)]
+pub struct Patience {
+    left_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Patience {
+    pub fn new(budget: Duration) -> Patience {
+        let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        Patience { left_ms: ms.into() }
+    }
+
+    pub fn left(&self) -> Duration {
+        Duration::from_millis(self.left_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Takes `spent` from the budget; false when nothing is left.
+    pub fn spend(&self, spent: Duration) -> bool {
+        let ms = u64::try_from(spent.as_millis()).unwrap_or(u64::MAX);
+        let left = self
+            .left_ms
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .saturating_sub(ms);
+        self.left_ms
+            .store(left, std::sync::atomic::Ordering::SeqCst);
+        left > 0
+    }
 }
 
 /// Finds `name` in PATH (and the sbin directories, where Debian puts

@@ -36,6 +36,19 @@ pub struct Report {
     pub elapsed_s: f64,
     pub gbit_per_s: f64,
     pub errors: Errors,
+    /// Runs merged into this report.
+    pub rounds: u32,
+}
+
+impl Report {
+    /// Adds another run of the same load: throughput over both.
+    pub fn merge(&mut self, other: Report) {
+        self.bytes += other.bytes;
+        self.elapsed_s += other.elapsed_s;
+        self.rounds += other.rounds;
+        self.errors.merge(other.errors);
+        self.gbit_per_s = self.bytes as f64 * 8.0 / self.elapsed_s / 1e9;
+    }
 }
 
 pub fn run(client: &Netns, target: SocketAddr, params: Params) -> Result<Report> {
@@ -67,6 +80,7 @@ pub fn run(client: &Netns, target: SocketAddr, params: Params) -> Result<Report>
             elapsed_s: elapsed,
             gbit_per_s: bytes as f64 * 8.0 / elapsed / 1e9,
             errors,
+            rounds: 1,
         })
     })?
 }

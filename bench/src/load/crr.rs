@@ -32,6 +32,26 @@ pub struct Report {
     pub latency: Percentiles,
     /// Wall time of the run (the last attempts may end after `duration`).
     pub elapsed_s: f64,
+    /// Runs merged into this report.
+    pub rounds: u32,
+    #[serde(skip)]
+    latency_h: hdrhistogram::Histogram<u64>,
+}
+
+impl Report {
+    /// Adds another run of the same load: the rate is over both.
+    pub fn merge(&mut self, other: Report) -> Result<()> {
+        self.completed += other.completed;
+        self.errors.merge(other.errors);
+        self.elapsed_s += other.elapsed_s;
+        self.rounds += other.rounds;
+        self.rate = self.completed as f64 / self.elapsed_s;
+        self.latency_h
+            .add(&other.latency_h)
+            .context("merging histograms")?;
+        self.latency = Percentiles::of(&self.latency_h);
+        Ok(())
+    }
 }
 
 pub fn run(client: &Netns, target: SocketAddr, params: Params) -> Result<Report> {
@@ -62,6 +82,8 @@ pub fn run(client: &Netns, target: SocketAddr, params: Params) -> Result<Report>
             errors,
             latency: Percentiles::of(&latency),
             elapsed_s: elapsed.as_secs_f64(),
+            rounds: 1,
+            latency_h: latency,
         })
     })?
 }

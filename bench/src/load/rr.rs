@@ -50,6 +50,69 @@ pub struct Report {
     pub service: Percentiles,
     /// `(nines, µs)` of the corrected latency, for the plot.
     pub curve: Vec<(f64, f64)>,
+    /// Runs merged into this report, and their total length.
+    pub rounds: u32,
+    pub measured_s: f64,
+    #[serde(skip)]
+    corrected_h: Histogram<u64>,
+    #[serde(skip)]
+    service_h: Histogram<u64>,
+}
+
+impl Report {
+    fn new(
+        params: Params,
+        totals: Totals,
+        corrected: Histogram<u64>,
+        service: Histogram<u64>,
+    ) -> Report {
+        let measured_s = params.duration.as_secs_f64();
+        Report {
+            params,
+            scheduled: totals.scheduled,
+            unsent: totals.unsent,
+            completed: totals.completed,
+            achieved_rate: totals.completed as f64 / measured_s,
+            errors: totals.errors,
+            latency: Percentiles::of(&corrected),
+            service: Percentiles::of(&service),
+            curve: super::percentile_curve(&corrected),
+            rounds: 1,
+            measured_s,
+            corrected_h: corrected,
+            service_h: service,
+        }
+    }
+
+    /// Adds another run of the same load: counts add up, percentiles are
+    /// those of all requests together.
+    pub fn merge(&mut self, other: Report) -> Result<()> {
+        self.scheduled += other.scheduled;
+        self.unsent += other.unsent;
+        self.completed += other.completed;
+        self.errors.merge(other.errors);
+        self.rounds += other.rounds;
+        self.measured_s += other.measured_s;
+        self.achieved_rate = self.completed as f64 / self.measured_s;
+        self.corrected_h
+            .add(&other.corrected_h)
+            .context("merging histograms")?;
+        self.service_h
+            .add(&other.service_h)
+            .context("merging histograms")?;
+        self.latency = Percentiles::of(&self.corrected_h);
+        self.service = Percentiles::of(&self.service_h);
+        self.curve = super::percentile_curve(&self.corrected_h);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    scheduled: u64,
+    unsent: u64,
+    completed: u64,
+    errors: Errors,
 }
 
 /// How long past its end a run may keep sending late requests.
@@ -93,27 +156,16 @@ pub fn run(client: &Netns, target: SocketAddr, params: Params) -> Result<Report>
         });
         let mut corrected = histogram();
         let mut service = histogram();
-        let mut errors = Errors::default();
-        let (mut scheduled, mut unsent, mut completed) = (0, 0, 0);
+        let mut totals = Totals::default();
         for r in results {
-            scheduled += r.scheduled;
-            unsent += r.unsent;
-            completed += r.completed;
-            errors.merge(r.errors);
+            totals.scheduled += r.scheduled;
+            totals.unsent += r.unsent;
+            totals.completed += r.completed;
+            totals.errors.merge(r.errors);
             corrected.add(&r.corrected).context("merging histograms")?;
             service.add(&r.service).context("merging histograms")?;
         }
-        Ok(Report {
-            params,
-            scheduled,
-            unsent,
-            completed,
-            achieved_rate: completed as f64 / params.duration.as_secs_f64(),
-            errors,
-            latency: Percentiles::of(&corrected),
-            service: Percentiles::of(&service),
-            curve: super::percentile_curve(&corrected),
-        })
+        Ok(Report::new(params, totals, corrected, service))
     })?
 }
 
@@ -221,9 +273,20 @@ mod tests {
         assert_eq!(report.service.count, 400);
         assert!(report.latency.p50_us > 0.0 && !report.curve.is_empty());
         assert!(report.latency.p50_us >= report.service.p50_us * 0.5);
+        // A second round merges: counts add, percentiles cover both.
+        let mut merged = report.clone();
+        merged
+            .merge(run(&lab.topology.client, lab.target(), params).unwrap())
+            .unwrap();
+        assert_eq!(
+            (merged.scheduled, merged.completed, merged.rounds),
+            (800, 800, 2)
+        );
+        assert_eq!(merged.latency.count, 800);
+        assert!((merged.achieved_rate - report.achieved_rate).abs() < 1.0);
         // The workload saw exactly these connections, none from the bypass.
         let peers = lab.workload.peers();
-        assert_eq!((peers.via_proxy, peers.not_via_proxy), (0, 4));
+        assert_eq!((peers.via_proxy, peers.not_via_proxy), (0, 8));
     }
 
     #[test]
