@@ -368,9 +368,10 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
          the time the hypervisor gave our virtual CPUs to someone else (/proc/stat). Above {:.0}% others or {:.0}% steal a load counts as \
          disturbed (bold): it is repeated after waiting for a quiet moment, up to {} attempts \
          and within {} of waiting and repeating per run ({} left at the end of this one); \
-         the least disturbed attempt is kept (chosen by disturbance, \
-         never by its figures; \"best of N\"). Errors and bypasses of discarded attempts are \
-         in results.json (bypasses are counted over all attempts).\n",
+         the least disturbed attempt is kept (chosen by its disturbance, never by its figures). \
+         The column shows the worst kept round, and how many attempts were discarded \
+         (\"repeats\"); their errors are counted in the errors column, and bypasses are \
+         counted over every attempt.\n",
         crate::sysload::DISTURBED_OTHER * 100.0,
         crate::sysload::DISTURBED_STEAL * 100.0,
         run.profile.attempts,
