@@ -130,11 +130,15 @@ fn watch(ours: &[u32], stop: &AtomicBool) -> Interference {
     loop {
         let done = stop.load(Ordering::SeqCst);
         for (pid, comm, ticks) in other_processes(ours) {
-            seen.entry(pid)
-                // A process first seen after the start began during the
-                // window: all of its time counts.
-                .or_insert_with(|| (comm, if first { ticks } else { 0 }, ticks))
-                .2 = ticks;
+            // A process first seen after the start began during the window:
+            // all of its time counts.
+            let entry = seen
+                .entry(pid)
+                .or_insert_with(|| (String::new(), if first { ticks } else { 0 }, ticks));
+            // The latest name: a child caught between fork and exec still
+            // bears its parent's.
+            entry.0 = comm;
+            entry.2 = ticks;
         }
         first = false;
         if done {
