@@ -16,10 +16,10 @@ mod topology;
 use std::io;
 use std::net::IpAddr;
 
-pub use link::veth;
+pub use link::{veth, Netem};
 pub use netns::Netns;
 pub use proc::Proc;
-pub use topology::ClientPod;
+pub use topology::{ClientPod, End, Host, Lab, Link, Spec};
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -42,6 +42,9 @@ pub enum Error {
     },
     #[error("no interface {ifname:?} in namespace {ns}: create it first (e.g. with netlab::veth) or fix the name")]
     NoSuchLink { ns: String, ifname: String },
+    /// The kernel lacks a feature the topology asks for.
+    #[error("{0}")]
+    Unsupported(String),
     /// The caller asked for something netlab refuses to do.
     #[error("{0}")]
     Invalid(String),

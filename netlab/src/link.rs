@@ -4,11 +4,17 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
+use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use nix::errno::Errno;
+use rtnetlink::packet_core::{
+    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+};
 use rtnetlink::packet_route::address::AddressHeaderFlags;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{check_addr, check_prefix, Error, Netns, Result};
@@ -108,6 +114,100 @@ impl Netns {
             .map_err(|e| Error::Invalid(format!("{op}: {e}")))?
             .build();
         self.netlink(|h| async move { h.route().add(msg).execute().await.map_err(self.nl_err(op)) })
+    }
+}
+
+/// Delay, jitter and loss that the `netem` qdisc adds to every packet
+/// leaving an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Netem {
+    pub delay: Duration,
+    /// Each packet's delay varies uniformly by up to this much either way.
+    pub jitter: Duration,
+    /// Share of packets dropped, from 0 to 100.
+    pub loss_percent: f64,
+}
+
+impl Netem {
+    /// Packets the qdisc may hold: tc's default, too small for a bulk
+    /// stream delayed by milliseconds at veth speed.
+    const LIMIT: u32 = 10_000;
+
+    /// `TCA_OPTIONS` of netem: a raw `struct tc_netem_qopt`, then nested
+    /// attributes. The 64-bit nanosecond latency and jitter attributes say
+    /// exactly what is meant; the struct's own fields are in scheduler ticks
+    /// (64 ns on current kernels) and are overridden by them.
+    fn options(&self) -> Result<Vec<u8>> {
+        const TCA_NETEM_LATENCY64: u16 = 10;
+        const TCA_NETEM_JITTER64: u16 = 11;
+        if !(0.0..=100.0).contains(&self.loss_percent) {
+            return Err(Error::Invalid(format!(
+                "netem loss {}%: give a share from 0 to 100",
+                self.loss_percent
+            )));
+        }
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let ticks = |d: Duration| u32::try_from(nanos(d) >> 6).unwrap_or(u32::MAX);
+        // 0 is no loss and u32::MAX is all packets; the cast saturates.
+        let loss = (self.loss_percent / 100.0 * f64::from(u32::MAX)).round() as u32;
+        let mut out = Vec::with_capacity(48);
+        for field in [
+            ticks(self.delay),
+            Self::LIMIT,
+            loss,
+            0,
+            0,
+            ticks(self.jitter),
+        ] {
+            out.extend_from_slice(&field.to_ne_bytes());
+        }
+        for (kind, value) in [
+            (TCA_NETEM_LATENCY64, nanos(self.delay)),
+            (TCA_NETEM_JITTER64, nanos(self.jitter)),
+        ] {
+            out.extend_from_slice(&12u16.to_ne_bytes());
+            out.extend_from_slice(&kind.to_ne_bytes());
+            out.extend_from_slice(&value.to_ne_bytes());
+        }
+        Ok(out)
+    }
+}
+
+impl Netns {
+    /// Makes `netem` the root qdisc of `ifname`, so packets sent through it
+    /// are delayed and dropped as `netem` says. rtnetlink has no builder for
+    /// netem's options, so the request is composed here.
+    pub fn set_netem(&self, ifname: &str, netem: &Netem) -> Result<()> {
+        const TCA_OPTIONS: u16 = 2;
+        let options = netem.options()?;
+        self.netlink(|mut h| async move {
+            let index = self.index_of(&h, ifname).await?;
+            let op = format!("adding netem {netem:?} to {ifname}");
+            let mut msg = TcMessage::with_index(i32::try_from(index).unwrap_or(i32::MAX));
+            msg.header.parent = TcHandle::ROOT;
+            msg.attributes.push(TcAttribute::Kind("netem".into()));
+            msg.attributes
+                .push(TcAttribute::Other(DefaultNla::new(TCA_OPTIONS, options)));
+            let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+            req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+            let mut answers = h.request(req).map_err(self.nl_err(op.clone()))?;
+            while let Some(answer) = answers.next().await {
+                let NetlinkPayload::Error(e) = answer.payload else {
+                    continue;
+                };
+                if e.code.is_none() {
+                    continue; // the ACK
+                }
+                // The kernel answers ENOENT for a qdisc kind it does not have.
+                if e.raw_code() == -(Errno::ENOENT as i32) {
+                    return Err(Error::Unsupported(format!(
+                        "{op}: this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM);                          run on a kernel that has it, or leave netem out of the topology"
+                    )));
+                }
+                return Err(self.nl_err(op)(rtnetlink::Error::NetlinkError(e)));
+            }
+            Ok(())
+        })
     }
 }
 

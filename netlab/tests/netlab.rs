@@ -225,3 +225,92 @@ fn names_are_unique_and_purposes_checked() {
     assert!(matches!(Netns::new("a/b"), Err(Error::Invalid(_))));
     assert!(matches!(Netns::new(""), Err(Error::Invalid(_))));
 }
+
+#[test]
+fn a_declared_topology_is_built_with_its_sysctls_and_removed_with_the_lab() {
+    let mut spec = ClientPod::spec();
+    spec.hosts[1]
+        .sysctls
+        .push(("net.ipv4.tcp_tw_reuse".into(), "0".into()));
+    spec.hosts[1]
+        .sysctls
+        .push(("net.core.somaxconn".into(), "777".into()));
+    let lab = spec.build("spec").unwrap();
+    let pod = lab.host("pod").unwrap();
+    assert_eq!(pod.sysctl_get("net.ipv4.tcp_tw_reuse").unwrap(), "0");
+    assert_eq!(pod.sysctl_get("net.core.somaxconn").unwrap(), "777");
+    let client = lab.host("cli").unwrap();
+    assert_ne!(client.sysctl_get("net.core.somaxconn").unwrap(), "777");
+    assert!(matches!(lab.host("nope"), Err(Error::Invalid(_))));
+    let paths = [client.path(), pod.path()];
+
+    let topo = ClientPod::from_lab(lab).unwrap();
+    ping_pong(&topo, ClientPod::POD_V4.into(), ClientPod::CLIENT_V4.into());
+    ping_pong(&topo, ClientPod::POD_V6.into(), ClientPod::CLIENT_V6.into());
+    drop(topo);
+    for p in &paths {
+        assert!(!p.exists(), "{} still exists", p.display());
+    }
+
+    // A mistake in the spec removes what was built before it.
+    let mut bad = ClientPod::spec();
+    bad.links[0].b.addrs.push(("10.0.0.2".parse().unwrap(), 8));
+    assert!(matches!(bad.build("spec-bad"), Err(Error::Invalid(_))));
+}
+
+/// The kernel's build options, where it publishes them.
+fn kernel_config() -> Option<String> {
+    let gz = std::fs::File::open("/proc/config.gz").ok()?;
+    let out = Command::new("zcat").stdin(gz).output().ok()?;
+    String::from_utf8(out.stdout).ok()
+}
+
+#[test]
+fn netem_delays_the_link_or_says_the_kernel_lacks_it() {
+    let delay = Duration::from_millis(40);
+    let mut spec = ClientPod::spec();
+    spec.links[0].a.netem = Some(netlab::Netem {
+        delay,
+        ..Default::default()
+    });
+    match spec.build("netem") {
+        Ok(lab) => {
+            let topo = ClientPod::from_lab(lab).unwrap();
+            let listener = topo
+                .pod
+                .run(|| TcpListener::bind((ClientPod::POD_V4, 0)))
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            // The SYN leaves through the delayed end: the handshake cannot
+            // complete sooner than the delay.
+            let started = Instant::now();
+            let conn = topo
+                .client
+                .run(|| TcpStream::connect_timeout(&addr, TIMEOUT))
+                .unwrap();
+            assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+            drop(conn);
+            ping_pong(&topo, ClientPod::POD_V4.into(), ClientPod::CLIENT_V4.into());
+        }
+        Err(Error::Unsupported(message)) => {
+            // Only a kernel built without netem may say so.
+            let config =
+                kernel_config().expect("netem refused, and no /proc/config.gz to tell why");
+            assert!(
+                config.contains("# CONFIG_NET_SCH_NETEM is not set"),
+                "netem refused on a kernel that has it: {message}"
+            );
+            assert!(message.contains("CONFIG_NET_SCH_NETEM"), "{message}");
+        }
+        Err(other) => panic!("netem: {other}"),
+    }
+    let bad = netlab::Netem {
+        loss_percent: 120.0,
+        ..Default::default()
+    };
+    let topo = ClientPod::new("netem-bad").unwrap();
+    assert!(matches!(
+        topo.client.set_netem("eth0", &bad),
+        Err(Error::Invalid(_))
+    ));
+}
