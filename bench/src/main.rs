@@ -41,7 +41,7 @@ struct Cli {
     /// Where README.md and the run's directory go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
-    /// How long and how big: smoke (seconds), quick (1-2 min), default (~10 min).
+    /// How long and how big: smoke (seconds), quick (~4 min), default (~20 min).
     #[arg(long, env = "BENCH_PROFILE", value_enum, default_value = "default")]
     profile: ProfileName,
     /// Scenarios to run, comma-separated [default: all]: direct, redirect,

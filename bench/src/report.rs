@@ -738,9 +738,8 @@ fn concurrency_table(
         "{} connections opened in {} steps (each proven with one echo) and held, idle, for {}; \
          the pod namespace's `nf_conntrack_count` and the interceptor's VmRSS are sampled \
          before, after each step and while held. Per connection = (peak − before) / open: \
-         \"proxy KiB/conn\" is the interceptor's memory per idle connection (sockmap keeps \
-         its connections' bytes in the kernel, so its RSS misses the kernel's share, as \
-         every other forwarder's does). \
+         \"proxy KiB/conn\" is the interceptor's memory per idle connection (its RSS: the \
+         kernel's socket buffers and map entries are not in it). \
          This load runs first in each scenario, on an empty conntrack table.\n",
         p.connections,
         p.steps,
