@@ -117,10 +117,7 @@ pub fn lines_log_x(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(
-            (min_x * 0.7..max_x * 1.4).log_scale(),
-            0.0..max_y * 1.15,
-        )
+        .build_cartesian_2d((min_x * 0.7..max_x * 1.4).log_scale(), 0.0..max_y * 1.15)
         .map_err(plot_error)?;
     chart
         .configure_mesh()

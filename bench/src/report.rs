@@ -157,8 +157,7 @@ fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
             Err(e) => eprintln!("sluice-bench: no RR plot: {e:#}"),
         }
     }
-    if run.profile.runs(LoadKind::Crr) && run.scenarios.iter().any(|s| s.excluded_ports.is_some())
-    {
+    if run.profile.runs(LoadKind::Crr) && run.scenarios.iter().any(|s| s.excluded_ports.is_some()) {
         let series = policy_series(run);
         let title = format!(
             "CRR rate against policy size, {} clients",
@@ -487,8 +486,11 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
 /// forwarders apart; the sections below have every figure and its context.
 fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     let p = &run.profile;
-    let _ = writeln!(md, "## Summary: modes × forwarders
-");
+    let _ = writeln!(
+        md,
+        "## Summary: modes × forwarders
+"
+    );
     let first_bulk = p.bulk.first();
     let _ = writeln!(
         md,
@@ -496,7 +498,9 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
          `direct`: RR p99 latency ({} requests/s), CRR connections per second ({} clients), \
          bulk throughput and the interceptor's CPU seconds per 10⁹ bytes ({} stream{}), and \
          the interceptor's memory per idle connection at {} open connections. — where a \
-         load did not run.\n",
+         load did not run. sockmap moves the bytes in the kernel (softirq and kworker \
+         threads), which is not charged to sluice's process: its CPU s/GB counts only what \
+         sluice's own threads do.\n",
         p.rr.rate,
         p.crr.clients,
         first_bulk.map_or(0, |b| b.streams),
@@ -527,6 +531,10 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     };
     let dash = |v: Option<f64>, f: fn(f64) -> String| v.map_or("—".into(), f);
     for s in run.matrix() {
+        if s.skipped.is_some() || (s.error.is_some() && s.proxy.is_none()) {
+            md.push_str(&missing_row(s, None, 11));
+            continue;
+        }
         let (d_rr, d_crr, d_bulk) = (
             direct.and_then(rr),
             direct.and_then(crr),
@@ -534,7 +542,10 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         );
         let gbit = bulk(s).map(|b| b.report.gbit_per_s);
         let forwarder = match fell_back(s) {
-            Some(in_use) => format!("**{in_use}** (not {})", s.forwarder.as_deref().unwrap_or("?")),
+            Some(in_use) => format!(
+                "**{in_use}** (not {})",
+                s.forwarder.as_deref().unwrap_or("?")
+            ),
             None => s.forwarder.as_deref().unwrap_or("—").to_string(),
         };
         let _ = writeln!(
@@ -543,12 +554,26 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
             name_cell(s),
             s.mode.as_deref().unwrap_or("—"),
             dash(rr(s), us),
-            if rr(s).is_some() { ratio(rr(s), d_rr) } else { "—".into() },
+            if rr(s).is_some() {
+                ratio(rr(s), d_rr)
+            } else {
+                "—".into()
+            },
             dash(crr(s), |r| format!("{r:.0}")),
-            if crr(s).is_some() { ratio(crr(s), d_crr) } else { "—".into() },
+            if crr(s).is_some() {
+                ratio(crr(s), d_crr)
+            } else {
+                "—".into()
+            },
             dash(gbit, |g| format!("{g:.2}")),
-            if gbit.is_some() { ratio(gbit, d_bulk) } else { "—".into() },
-            dash(bulk(s).and_then(|b| b.proxy_cpu_s_per_gb), |c| format!("{c:.3}")),
+            if gbit.is_some() {
+                ratio(gbit, d_bulk)
+            } else {
+                "—".into()
+            },
+            dash(bulk(s).and_then(|b| b.proxy_cpu_s_per_gb), |c| format!(
+                "{c:.3}"
+            )),
             dash(rss(s), |k| format!("{k:.1}")),
         );
     }
@@ -687,7 +712,9 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
          sink's count against what it sent (a mismatch is an error). Gbit/s is payload \
          client → workload, including that final exchange. Proxy CPU is user + system \
          time of the interceptor process (all threads) over the load, from \
-         `/proc/<pid>/stat`, per 10⁹ bytes moved.\n"
+         `/proc/<pid>/stat`, per 10⁹ bytes moved. With sockmap the kernel moves the bytes \
+         (softirq and kworker threads, not charged to sluice), so its figure is sluice's own \
+         share only, not the cost of forwarding.\n"
     );
     let _ = writeln!(
         md,
@@ -879,8 +906,11 @@ fn policy_table(
     if variants.is_empty() {
         return;
     }
-    let _ = writeln!(md, "## Policy size: connection rate against excluded ports
-");
+    let _ = writeln!(
+        md,
+        "## Policy size: connection rate against excluded ports
+"
+    );
     let _ = writeln!(
         md,
         "How interception's cost grows with the policy: the CRR load alone ({} clients, {}, \
@@ -963,7 +993,11 @@ fn logs(md: &mut String, run: &Run) {
     let mut fallbacks = Vec::new();
     for s in &run.scenarios {
         let Some(p) = &s.proxy else { continue };
-        let first = p.log.first_problems.first().map_or(String::new(), |l| quote(l));
+        let first = p
+            .log
+            .first_problems
+            .first()
+            .map_or(String::new(), |l| quote(l));
         let in_use = match (&s.interceptor, s.forwarder_in_use.as_deref()) {
             (Interceptor::Sluice { .. }, None) => "not said".to_string(),
             (_, None) => "—".to_string(),
@@ -988,4 +1022,38 @@ fn logs(md: &mut String, run: &Run) {
         );
     }
     md.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Loads;
+
+    fn scenario(forwarder: &str, in_use: Option<&str>) -> ScenarioResult {
+        ScenarioResult {
+            name: format!("tproxy-{forwarder}"),
+            interceptor: Interceptor::Sluice { args: Vec::new() },
+            mode: Some("tproxy".into()),
+            forwarder: Some(forwarder.into()),
+            forwarder_in_use: in_use.map(str::to_string),
+            only: None,
+            excluded_ports: None,
+            skipped: None,
+            error: None,
+            loads: Loads::default(),
+            proxy: None,
+            elapsed_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_fallback_is_flagged() {
+        let fell = scenario("sockmap", Some("copy"));
+        assert_eq!(fell_back(&fell), Some("copy"));
+        assert_eq!(name_cell(&fell), "tproxy-sockmap **(ran copy!)**");
+        let ran = scenario("sockmap", Some("sockmap"));
+        assert_eq!((fell_back(&ran), name_cell(&ran)), (None, ran.name.clone()));
+        // sluice never said (it died before ready): nothing to contradict.
+        assert_eq!(fell_back(&scenario("sockmap", None)), None);
+    }
 }

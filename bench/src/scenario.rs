@@ -631,3 +631,75 @@ fn echo_once(target: SocketAddr) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_as_clap_takes_them() {
+        let args = strings(&["--mode", "ebpf", "--forward=splice", "--mode=tproxy"]);
+        assert_eq!(flag_value(&args, "--mode").as_deref(), Some("tproxy"));
+        assert_eq!(flag_value(&args, "--forward").as_deref(), Some("splice"));
+        assert_eq!(flag_value(&args, "--pin"), None);
+        assert_eq!(flag_value(&strings(&["--modex=1"]), "--mode"), None);
+    }
+
+    #[test]
+    fn forwarder_from_the_ready_line() {
+        let line = "2026-11-22T02:31:00Z  INFO sluice::server: sluice ready mode=ebpf \
+                    forward=Sockmap port=15006 workers=2 rules=true";
+        assert_eq!(forwarder_in_use(line).as_deref(), Some("sockmap"));
+        assert_eq!(forwarder_in_use("sluice ready mode=tproxy"), None);
+    }
+
+    #[test]
+    fn matrix_and_policy_sizes() {
+        let all = Scenario::builtin();
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names[..9],
+            [
+                "direct",
+                "redirect",
+                "tproxy",
+                "tproxy-splice",
+                "tproxy-sockmap",
+                "ebpf",
+                "ebpf-splice",
+                "ebpf-sockmap",
+                "haproxy"
+            ]
+        );
+        let sockmap = &all[7];
+        assert_eq!(sockmap.mode().as_deref(), Some("ebpf"));
+        assert_eq!(sockmap.forwarder().as_deref(), Some("sockmap"));
+        assert!(sockmap.runs(LoadKind::Concurrency));
+        let big = all
+            .iter()
+            .find(|s| s.name == "tproxy-excl1000")
+            .expect("tproxy-excl1000");
+        assert_eq!(big.excluded_ports, Some(1000));
+        assert!(big.runs(LoadKind::Crr) && !big.runs(LoadKind::Rr));
+        let Interceptor::Sluice { args } = &big.interceptor else {
+            panic!("{big:?}");
+        };
+        let ports = flag_value(args, "--exclude-ports").expect("--exclude-ports");
+        let ports: Vec<&str> = ports.split(',').collect();
+        assert_eq!(
+            (ports.len(), ports[0], ports[999]),
+            (1000, "20000", "20999")
+        );
+        assert_eq!(all.len(), 9 + 2 * POLICY_SIZES.len());
+    }
+
+    #[test]
+    fn long_lists_shortened() {
+        assert_eq!(shorten_list("1,2,3,4"), "1,2,3,4");
+        assert_eq!(shorten_list("1,2,3,4,5"), "1,2,…,5 (5 items)");
+    }
+}

@@ -143,7 +143,10 @@ fn smoke_profile_end_to_end() {
             let crr = &loads["crr"];
             assert!(crr["error"].is_null(), "{name}: {}", crr["error"]);
             assert_eq!(crr["peers"]["not_via_proxy"], 0, "{name} bypassed: {crr}");
-            assert!(crr["report"]["completed"].as_u64().unwrap_or(0) > 0, "{name}");
+            assert!(
+                crr["report"]["completed"].as_u64().unwrap_or(0) > 0,
+                "{name}"
+            );
             continue;
         }
         let mut all = vec![&loads["concurrency"], &loads["rr"], &loads["crr"]];
