@@ -41,16 +41,18 @@ struct Cli {
     /// Where README.md and the run's directory go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
-    /// How long and how big: smoke (seconds), quick (1-2 min), default (~10 min).
+    /// How long and how big: smoke (seconds), quick (~4 min), default (~20 min).
     #[arg(long, env = "BENCH_PROFILE", value_enum, default_value = "default")]
     profile: ProfileName,
-    /// Scenarios to run, comma-separated, from: direct, redirect, tproxy,
-    /// tproxy-splice, haproxy [default: all but tproxy-splice]. `direct` always
-    /// runs (it is what the ratios compare with).
+    /// Scenarios to run, comma-separated [default: all]: direct, redirect,
+    /// tproxy, tproxy-splice, tproxy-sockmap, ebpf, ebpf-splice, ebpf-sockmap,
+    /// haproxy, and the policy-size variants (CRR only) tproxy-excl1,
+    /// tproxy-excl100, tproxy-excl1000, ebpf-excl1, ebpf-excl100,
+    /// ebpf-excl1000. `direct` always runs (it is what the ratios compare with).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Extra sluice scenario, NAME=ARGS for `sluice run ARGS` (repeatable),
-    /// e.g. --scenario 'ebpf=--mode ebpf'.
+    /// e.g. --scenario 'redirect-splice=--mode redirect --forward splice'.
     #[arg(long = "scenario")]
     custom: Vec<String>,
     /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr.
@@ -166,16 +168,12 @@ fn bench(cli: Cli) -> Result<bool> {
 fn select(names: &[String], custom: &[String]) -> Result<Vec<Scenario>> {
     let builtin = Scenario::builtin();
     let mut chosen: Vec<Scenario> = if names.is_empty() {
-        builtin
-            .iter()
-            .filter(|(_, default)| *default)
-            .map(|(s, _)| s.clone())
-            .collect()
+        builtin.clone()
     } else {
         let mut chosen = Vec::new();
         for name in names {
-            let Some((s, _)) = builtin.iter().find(|(s, _)| &s.name == name) else {
-                let known: Vec<_> = builtin.iter().map(|(s, _)| s.name.as_str()).collect();
+            let Some(s) = builtin.iter().find(|s| &s.name == name) else {
+                let known: Vec<_> = builtin.iter().map(|s| s.name.as_str()).collect();
                 bail!("unknown scenario {name:?}; known: {}", known.join(", "));
             };
             chosen.push(s.clone());
@@ -186,7 +184,7 @@ fn select(names: &[String], custom: &[String]) -> Result<Vec<Scenario>> {
         chosen.push(Scenario::parse_custom(spec)?);
     }
     chosen.retain(|s| !s.is_direct());
-    chosen.insert(0, builtin[0].0.clone());
+    chosen.insert(0, builtin[0].clone());
     let mut seen = std::collections::BTreeSet::new();
     for s in &chosen {
         if !seen.insert(&s.name) {

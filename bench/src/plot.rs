@@ -95,6 +95,49 @@ pub fn lines(
     Ok(())
 }
 
+/// `y` against `x` with `x` on a log scale (sizes spanning decades: 1, 100,
+/// 1,000) and `y` linear from 0, each point marked.
+pub fn lines_log_x(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[Series],
+) -> Result<()> {
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let min_x = all.clone().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let max_x = all.clone().map(|p| p.0).fold(0.0f64, f64::max);
+    let max_y = all.map(|p| p.1).fold(1.0f64, f64::max);
+    if !min_x.is_finite() || min_x <= 0.0 {
+        return Err(anyhow!("no positive x values to plot on a log scale"));
+    }
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((min_x * 0.7..max_x * 1.4).log_scale(), 0.0..max_y * 1.15)
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(plot_error)?;
+    draw_series(&mut chart, series)?;
+    for (index, s) in series.iter().enumerate() {
+        let style = ShapeStyle::from(&color(index)).filled();
+        chart
+            .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, style)))
+            .map_err(plot_error)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
 fn draw_series<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
     series: &[Series],
@@ -168,6 +211,19 @@ mod tests {
             points: vec![(0.0, 0.0), (100.0, 200.0)],
         };
         lines(&dir.join("l.svg"), "t", ("x", "y"), &[b]).unwrap();
+        let c = Series {
+            name: "tproxy",
+            points: vec![(1.0, 9000.0), (100.0, 8000.0), (1000.0, 5000.0)],
+        };
+        let path = dir.join("x.svg");
+        lines_log_x(&path, "t", ("x", "y"), &[c]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("tproxy") && svg.contains("<circle"), "{svg}");
+        let none = Series {
+            name: "e",
+            points: vec![],
+        };
+        assert!(lines_log_x(&path, "t", ("x", "y"), &[none]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,9 +12,9 @@ use crate::load::{bulk, crr, hold, rr};
 pub enum ProfileName {
     /// Seconds in total: proves the pipeline works (the smoke test).
     Smoke,
-    /// A minute or two.
+    /// About four minutes on two cores.
     Quick,
-    /// About ten minutes on two cores: the committed results.
+    /// About twenty minutes on two cores: the committed results.
     Default,
 }
 
@@ -93,14 +93,14 @@ impl Profile {
                 rr: rr::Params {
                     connections: 16,
                     rate: 4000.0,
-                    duration: s(4),
+                    duration: ms(2500),
                     warmup: 50,
                 },
                 crr: crr::Params {
                     clients: 8,
-                    duration: ms(2500),
+                    duration: ms(1500),
                 },
-                bulk: bulk_params(ms(1500)),
+                bulk: bulk_params(ms(1250)),
                 hold: hold::Params {
                     connections: 2000,
                     steps: 5,
@@ -108,9 +108,9 @@ impl Profile {
                     parallel: 128,
                 },
                 rounds: 2,
-                quiet_wait: s(20),
+                quiet_wait: s(10),
                 attempts: 2,
-                wait_budget: s(60),
+                wait_budget: s(30),
             },
             ProfileName::Default => Profile {
                 name,
@@ -118,14 +118,14 @@ impl Profile {
                 rr: rr::Params {
                     connections: 32,
                     rate: 8000.0,
-                    duration: s(15),
+                    duration: s(8),
                     warmup: 100,
                 },
                 crr: crr::Params {
                     clients: 16,
-                    duration: s(7),
+                    duration: s(5),
                 },
-                bulk: bulk_params(s(5)),
+                bulk: bulk_params(s(4)),
                 hold: hold::Params {
                     connections: 10_000,
                     steps: 10,
@@ -133,9 +133,9 @@ impl Profile {
                     parallel: 256,
                 },
                 rounds: 3,
-                quiet_wait: s(120),
+                quiet_wait: s(60),
                 attempts: 3,
-                wait_budget: s(900),
+                wait_budget: s(360),
             },
         }
     }

@@ -1,6 +1,7 @@
 //! The outputs of a run: `results.json` (every raw figure), the SVG plots
-//! in the run's directory, and `README.md` in the output directory with one
-//! table per load, each figure next to its ratio to `direct` of the same run.
+//! in the run's directory, and `README.md` in the output directory: a summary
+//! of the modes × forwarders matrix, one table per load, each figure next to
+//! its ratio to `direct` of the same run, and the policy-size figure.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -17,6 +18,7 @@ use crate::scenario::Interceptor;
 pub const RR_PLOT: &str = "rr-latency.svg";
 pub const CONNTRACK_PLOT: &str = "conntrack.svg";
 pub const RSS_PLOT: &str = "proxy-rss.svg";
+pub const POLICY_PLOT: &str = "policy-size.svg";
 
 #[derive(Debug, Serialize)]
 pub struct Run {
@@ -41,13 +43,30 @@ impl Run {
             .find(|s| s.interceptor == Interceptor::None)
     }
 
+    /// The scenarios of the modes × forwarders matrix (and `direct`,
+    /// HAProxy, custom ones): all but the policy-size variants, which have
+    /// their own section.
+    fn matrix(&self) -> impl Iterator<Item = &ScenarioResult> {
+        self.scenarios.iter().filter(|s| s.excluded_ports.is_none())
+    }
+
     /// Problems that make the run a failure: a scenario that broke, a load
-    /// that failed, a connection that bypassed an interceptor.
+    /// that failed, a connection that bypassed an interceptor, a forwarder
+    /// that fell back (its figures would be reported under the wrong name).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         for s in &self.scenarios {
             if let Some(e) = &s.error {
                 problems.push(format!("{}: {e}", s.name));
+            }
+            if let Some(in_use) = fell_back(s) {
+                problems.push(format!(
+                    "{}: asked for --forward {}, but sluice forwarded with {in_use} \
+                     (see its log); its figures are not {}'s",
+                    s.name,
+                    s.forwarder.as_deref().unwrap_or("?"),
+                    s.forwarder.as_deref().unwrap_or("?"),
+                ));
             }
             let direct = s.interceptor == Interceptor::None;
             let mut check = |load: &str, error: &Option<String>, bypassed: Option<u64>| {
@@ -79,6 +98,21 @@ impl Run {
     }
 }
 
+/// The forwarder sluice ran instead of the one asked for, if it differs.
+fn fell_back(s: &ScenarioResult) -> Option<&str> {
+    let in_use = s.forwarder_in_use.as_deref()?;
+    (s.forwarder.as_deref() != Some(in_use)).then_some(in_use)
+}
+
+/// The scenario's name as every table shows it: flagged when its forwarder
+/// fell back, so that no row claims figures of a forwarder that did not run.
+fn name_cell(s: &ScenarioResult) -> String {
+    match fell_back(s) {
+        Some(in_use) => format!("{} **(ran {in_use}!)**", s.name),
+        None => s.name.clone(),
+    }
+}
+
 /// Writes `results.json` and the plots into `run_dir`, and `README.md`
 /// into `out`, linking to the plots relative to `out`.
 pub fn write(run: &Run, out: &Path, run_dir: &Path) -> Result<()> {
@@ -104,8 +138,7 @@ pub fn write(run: &Run, out: &Path, run_dir: &Path) -> Result<()> {
 fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
     let mut drawn = Vec::new();
     let rr: Vec<Series> = run
-        .scenarios
-        .iter()
+        .matrix()
         .filter_map(|s| {
             let r = s.loads.rr.as_ref()?.report.as_ref()?;
             Some(Series {
@@ -122,6 +155,22 @@ fn write_plots(run: &Run, dir: &Path) -> Vec<&'static str> {
         match plot::latency_percentiles(&dir.join(RR_PLOT), &title, &rr) {
             Ok(()) => drawn.push(RR_PLOT),
             Err(e) => eprintln!("sluice-bench: no RR plot: {e:#}"),
+        }
+    }
+    if run.profile.runs(LoadKind::Crr) && run.scenarios.iter().any(|s| s.excluded_ports.is_some()) {
+        let series = policy_series(run);
+        let title = format!(
+            "CRR rate against policy size, {} clients",
+            run.profile.crr.clients
+        );
+        match plot::lines_log_x(
+            &dir.join(POLICY_PLOT),
+            &title,
+            ("ports given to --exclude-ports", "connections/s"),
+            &series,
+        ) {
+            Ok(()) => drawn.push(POLICY_PLOT),
+            Err(e) => eprintln!("sluice-bench: no policy-size plot: {e:#}"),
         }
     }
     if !run.profile.runs(LoadKind::Concurrency) {
@@ -271,7 +320,7 @@ fn missing_row(s: &ScenarioResult, load_error: Option<&str>, columns: usize) -> 
     let why = why.replace('|', "\\|");
     format!(
         "| {} | {why} |{}\n",
-        s.name,
+        name_cell(s),
         " |".repeat(columns.saturating_sub(2))
     )
 }
@@ -328,7 +377,10 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
          (histograms added, counts and times summed).\n",
         m.cores
     );
-    let _ = writeln!(md, "| scenario | interceptor |\n| --- | --- |");
+    let _ = writeln!(
+        md,
+        "| scenario | mode | forwarder | loads | interceptor |\n| --- | --- | --- | --- | --- |"
+    );
     for s in &run.scenarios {
         let how = match (&s.proxy, &s.interceptor) {
             (Some(stopped), _) => format!("`{}`", stopped.command),
@@ -344,9 +396,37 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
             ),
             _ => how,
         };
-        let _ = writeln!(md, "| {} | {how} |", s.name);
+        let forwarder = match (fell_back(s), s.forwarder.as_deref()) {
+            (Some(in_use), asked) => format!(
+                "**{in_use}** (asked for {}; fell back, see its log)",
+                asked.unwrap_or("?")
+            ),
+            (None, asked) => asked.unwrap_or("—").to_string(),
+        };
+        let loads = match &s.only {
+            None => "all".to_string(),
+            Some(only) => only
+                .iter()
+                .map(|l| format!("{l:?}").to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {forwarder} | {loads} | {how} |",
+            s.name,
+            s.mode.as_deref().unwrap_or("—"),
+        );
     }
     md.push('\n');
+    let _ = writeln!(
+        md,
+        "**forwarder** is what moves the bytes between the two sockets: `copy` (io_uring \
+         through user-space buffers), `splice` (socket → pipe → socket in the kernel), \
+         `sockmap` (an `sk_skb` verdict program redirects in the kernel). It is the one sluice \
+         names in its ready line; where sockmap fell back to copy the row says so, in bold, \
+         in every table, and the run fails.\n"
+    );
     for s in &run.scenarios {
         if let Some(config) = s.proxy.as_ref().and_then(|p| p.config.as_ref()) {
             let _ = writeln!(md, "Configuration of `{}`:\n\n```\n{}```\n", s.name, config);
@@ -381,6 +461,7 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
 
     // A load left out with --loads has no section at all.
     let runs = |load| run.profile.runs(load);
+    summary(&mut md, run, direct);
     if runs(LoadKind::Rr) {
         rr_table(&mut md, run, direct, rel, plots);
     }
@@ -394,8 +475,109 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         concurrency_table(&mut md, run, direct, rel, plots);
         exhaustion(&mut md, run);
     }
+    if runs(LoadKind::Crr) {
+        policy_table(&mut md, run, direct, rel, plots);
+    }
     logs(&mut md, run);
     md
+}
+
+/// One row per scenario of the matrix with the figures that tell modes and
+/// forwarders apart; the sections below have every figure and its context.
+fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
+    let p = &run.profile;
+    let _ = writeln!(
+        md,
+        "## Summary: modes × forwarders
+"
+    );
+    let first_bulk = p.bulk.first();
+    let _ = writeln!(
+        md,
+        "The headline figure of each load, from the sections below, beside its ratio to \
+         `direct`: RR p99 latency ({} requests/s), CRR connections per second ({} clients), \
+         bulk throughput and the interceptor's CPU seconds per 10⁹ bytes ({} stream{}), and \
+         the interceptor's memory per idle connection at {} open connections. — where a \
+         load did not run. sockmap moves the bytes in the kernel (softirq and kworker \
+         threads), which is not charged to sluice's process: its CPU s/GB counts only what \
+         sluice's own threads do.\n",
+        p.rr.rate,
+        p.crr.clients,
+        first_bulk.map_or(0, |b| b.streams),
+        if first_bulk.is_some_and(|b| b.streams == 1) {
+            ""
+        } else {
+            "s"
+        },
+        p.hold.connections,
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | mode | forwarder | RR p99 µs | vs direct | CRR conn/s | vs direct | bulk Gbit/s | vs direct | proxy CPU s/GB | proxy RSS KiB/conn |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rr = |s: &ScenarioResult| Some(s.loads.rr.as_ref()?.report.as_ref()?.latency.p99_us);
+    let crr = |s: &ScenarioResult| Some(s.loads.crr.as_ref()?.report.as_ref()?.report.rate);
+    fn bulk(s: &ScenarioResult) -> Option<&crate::run::BulkFigures> {
+        s.loads.bulk.first()?.report.as_ref()
+    }
+    let rss = |s: &ScenarioResult| {
+        s.loads
+            .concurrency
+            .as_ref()?
+            .report
+            .as_ref()?
+            .proxy_rss_per_connection_kib
+    };
+    let dash = |v: Option<f64>, f: fn(f64) -> String| v.map_or("—".into(), f);
+    for s in run.matrix() {
+        if s.skipped.is_some() || (s.error.is_some() && s.proxy.is_none()) {
+            md.push_str(&missing_row(s, None, 11));
+            continue;
+        }
+        let (d_rr, d_crr, d_bulk) = (
+            direct.and_then(rr),
+            direct.and_then(crr),
+            direct.and_then(bulk).map(|b| b.report.gbit_per_s),
+        );
+        let gbit = bulk(s).map(|b| b.report.gbit_per_s);
+        let forwarder = match fell_back(s) {
+            Some(in_use) => format!(
+                "**{in_use}** (not {})",
+                s.forwarder.as_deref().unwrap_or("?")
+            ),
+            None => s.forwarder.as_deref().unwrap_or("—").to_string(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {forwarder} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            name_cell(s),
+            s.mode.as_deref().unwrap_or("—"),
+            dash(rr(s), us),
+            if rr(s).is_some() {
+                ratio(rr(s), d_rr)
+            } else {
+                "—".into()
+            },
+            dash(crr(s), |r| format!("{r:.0}")),
+            if crr(s).is_some() {
+                ratio(crr(s), d_crr)
+            } else {
+                "—".into()
+            },
+            dash(gbit, |g| format!("{g:.2}")),
+            if gbit.is_some() {
+                ratio(gbit, d_bulk)
+            } else {
+                "—".into()
+            },
+            dash(bulk(s).and_then(|b| b.proxy_cpu_s_per_gb), |c| format!(
+                "{c:.3}"
+            )),
+            dash(rss(s), |k| format!("{k:.1}")),
+        );
+    }
+    md.push('\n');
 }
 
 fn rr_table(
@@ -426,7 +608,7 @@ fn rr_table(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.rr.as_ref()?.report.as_ref());
-    for s in &run.scenarios {
+    for s in run.matrix() {
         let loaded = s.loads.rr.as_ref();
         let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
             md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 14));
@@ -437,7 +619,7 @@ fn rr_table(
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
-            s.name,
+            name_cell(s),
             us(l.p50_us),
             us(l.p90_us),
             us(l.p99_us),
@@ -479,7 +661,7 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.crr.as_ref()?.report.as_ref());
-    for s in &run.scenarios {
+    for s in run.matrix() {
         let loaded = s.loads.crr.as_ref();
         let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
             md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 12));
@@ -489,7 +671,7 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         let _ = writeln!(
             md,
             "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            s.name,
+            name_cell(s),
             r.rate,
             ratio(Some(r.rate), d.map(|d| d.report.rate)),
             us(r.latency.p50_us),
@@ -504,8 +686,7 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         );
     }
     let with_errors: Vec<String> = run
-        .scenarios
-        .iter()
+        .matrix()
         .filter_map(|s| {
             let r = &s.loads.crr.as_ref()?.report.as_ref()?.report;
             (r.errors.total() > 0).then(|| format!("{}: {:?}", s.name, r.errors.0))
@@ -531,7 +712,9 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
          sink's count against what it sent (a mismatch is an error). Gbit/s is payload \
          client → workload, including that final exchange. Proxy CPU is user + system \
          time of the interceptor process (all threads) over the load, from \
-         `/proc/<pid>/stat`, per 10⁹ bytes moved.\n"
+         `/proc/<pid>/stat`, per 10⁹ bytes moved. With sockmap the kernel moves the bytes \
+         (softirq and kworker threads, not charged to sluice), so its figure is sluice's own \
+         share only, not the cost of forwarding.\n"
     );
     let _ = writeln!(
         md,
@@ -540,7 +723,7 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (index, params) in run.profile.bulk.iter().enumerate() {
         let d = direct.and_then(|s| s.loads.bulk.get(index)?.report.as_ref());
-        for s in &run.scenarios {
+        for s in run.matrix() {
             let loaded = s.loads.bulk.get(index);
             let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
                 md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 9));
@@ -549,7 +732,7 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
             let _ = writeln!(
                 md,
                 "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
-                s.name,
+                name_cell(s),
                 params.streams,
                 f.report.gbit_per_s,
                 ratio(Some(f.report.gbit_per_s), d.map(|d| d.report.gbit_per_s)),
@@ -579,9 +762,11 @@ fn concurrency_table(
     );
     let _ = writeln!(
         md,
-        "{} connections opened in {} steps (each proven with one echo) and held for {}; \
+        "{} connections opened in {} steps (each proven with one echo) and held, idle, for {}; \
          the pod namespace's `nf_conntrack_count` and the interceptor's VmRSS are sampled \
-         before, after each step and while held. Per connection = (peak − before) / open. \
+         before, after each step and while held. Per connection = (peak − before) / open: \
+         \"proxy KiB/conn\" is the interceptor's memory per idle connection (its RSS: the \
+         kernel's socket buffers and map entries are not in it). \
          This load runs first in each scenario, on an empty conntrack table.\n",
         p.connections,
         p.steps,
@@ -597,7 +782,7 @@ fn concurrency_table(
     );
     let d = direct.and_then(|s| s.loads.concurrency.as_ref()?.report.as_ref());
     let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
-    for s in &run.scenarios {
+    for s in run.matrix() {
         let loaded = s.loads.concurrency.as_ref();
         let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
             md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 12));
@@ -606,7 +791,7 @@ fn concurrency_table(
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            s.name,
+            name_cell(s),
             f.report.opened,
             opt(f.conntrack_before, |c| c.to_string()),
             opt(f.conntrack_peak, |c| c.to_string()),
@@ -680,23 +865,195 @@ fn exhaustion(md: &mut String, run: &Run) {
     md.push('\n');
 }
 
+/// The CRR rate of each policy-size variant, by mode: `(excluded ports,
+/// conn/s)`, sorted by size.
+fn policy_series(run: &Run) -> Vec<Series<'_>> {
+    let mut series: Vec<Series> = Vec::new();
+    for s in &run.scenarios {
+        let (Some(excluded), Some(mode)) = (s.excluded_ports, s.mode.as_deref()) else {
+            continue;
+        };
+        let Some(f) = s.loads.crr.as_ref().and_then(|l| l.report.as_ref()) else {
+            continue;
+        };
+        let point = (excluded as f64, f.report.rate);
+        match series.iter_mut().find(|x| x.name == mode) {
+            Some(x) => x.points.push(point),
+            None => series.push(Series {
+                name: mode,
+                points: vec![point],
+            }),
+        }
+    }
+    for x in &mut series {
+        x.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    series
+}
+
+fn policy_table(
+    md: &mut String,
+    run: &Run,
+    direct: Option<&ScenarioResult>,
+    rel: &str,
+    plots: &[&str],
+) {
+    let variants: Vec<&ScenarioResult> = run
+        .scenarios
+        .iter()
+        .filter(|s| s.excluded_ports.is_some())
+        .collect();
+    if variants.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Policy size: connection rate against excluded ports
+"
+    );
+    let _ = writeln!(
+        md,
+        "How interception's cost grows with the policy: the CRR load alone ({} clients, {}, \
+         in the same rounds as the scenarios above), through sluice started with \
+         `--exclude-ports` listing N ports from 20000 up, none of which any load uses (sluice \
+         adds its own port, 15006, to every list). tproxy renders each excluded port as its \
+         own `RETURN` rule ahead of the `TPROXY` rule, so every new connection's SYN walks all \
+         of them; ebpf looks the port up in a map (a bitmap), whatever its size. Each row is \
+         the copy forwarder.\n",
+        run.profile.crr.clients,
+        rounds(run, run.profile.crr.duration),
+    );
+    let _ = writeln!(
+        md,
+        "| mode | excluded ports | conn/s | vs 1 excluded | vs direct | p50 µs | p99 µs | errors | bypassed | others / steal |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rate = |s: &ScenarioResult| Some(s.loads.crr.as_ref()?.report.as_ref()?.report.rate);
+    let d = direct.and_then(rate);
+    let mut modes: Vec<&str> = Vec::new();
+    for s in &variants {
+        let mode = s.mode.as_deref().unwrap_or("?");
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    for mode in modes {
+        let mut rows: Vec<&ScenarioResult> = variants
+            .iter()
+            .copied()
+            .filter(|s| s.mode.as_deref().unwrap_or("?") == mode)
+            .collect();
+        rows.sort_by_key(|s| s.excluded_ports);
+        let base = rows
+            .iter()
+            .find(|s| s.excluded_ports == Some(1))
+            .and_then(|s| rate(s));
+        for s in rows {
+            let loaded = s.loads.crr.as_ref();
+            let excluded = s.excluded_ports.unwrap_or(0);
+            let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
+                let why = missing_row(s, loaded.and_then(|l| l.error.as_deref()), 9);
+                // The same row, with the mode and size in front of why.
+                let why = why.replacen(&format!("| {} |", name_cell(s)), "", 1);
+                let _ = write!(md, "| {mode} | {excluded} |{why}");
+                continue;
+            };
+            let r = &f.report;
+            let _ = writeln!(
+                md,
+                "| {mode} | {excluded} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                r.rate,
+                ratio(Some(r.rate), base),
+                ratio(Some(r.rate), d),
+                us(r.latency.p50_us),
+                us(r.latency.p99_us),
+                errors(r.errors.total(), loaded),
+                loaded.map_or("—".into(), |x| bypassed(s, x)),
+                others(loaded),
+            );
+        }
+    }
+    if plots.contains(&POLICY_PLOT) {
+        let _ = writeln!(
+            md,
+            "\n![CRR rate against excluded ports]({rel}/{POLICY_PLOT})"
+        );
+    }
+    md.push('\n');
+}
+
 fn logs(md: &mut String, run: &Run) {
     let _ = writeln!(md, "## Interceptor logs\n");
     let _ = writeln!(
         md,
-        "| scenario | exit | log lines | warnings | errors | first problem |"
+        "| scenario | exit | forwarder in use | log lines | warnings | errors | first problem |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---|");
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---|");
+    let quote = |l: &str| format!("`{}`", l.replace('|', "\\|").replace('`', "'"));
+    let mut fallbacks = Vec::new();
     for s in &run.scenarios {
         let Some(p) = &s.proxy else { continue };
-        let first = p.log.first_problems.first().map_or(String::new(), |l| {
-            format!("`{}`", l.replace('|', "\\|").replace('`', "'"))
-        });
+        let first = p
+            .log
+            .first_problems
+            .first()
+            .map_or(String::new(), |l| quote(l));
+        let in_use = match (&s.interceptor, s.forwarder_in_use.as_deref()) {
+            (Interceptor::Sluice { .. }, None) => "not said".to_string(),
+            (_, None) => "—".to_string(),
+            (_, Some(f)) if fell_back(s).is_some() => format!("**{f}**"),
+            (_, Some(f)) => f.to_string(),
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {first} |",
+            "| {} | {} | {in_use} | {} | {} | {} | {first} |",
             s.name, p.exit, p.log.lines, p.log.warnings, p.log.errors
+        );
+        if let Some(line) = p.log.fallbacks.first() {
+            fallbacks.push(format!("`{}`: {}", s.name, quote(line)));
+        }
+    }
+    if !fallbacks.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n**Forwarded with copy** (sluice says so once per process, so this is at \
+             least one connection, maybe all): {}.",
+            fallbacks.join("; ")
         );
     }
     md.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Loads;
+
+    fn scenario(forwarder: &str, in_use: Option<&str>) -> ScenarioResult {
+        ScenarioResult {
+            name: format!("tproxy-{forwarder}"),
+            interceptor: Interceptor::Sluice { args: Vec::new() },
+            mode: Some("tproxy".into()),
+            forwarder: Some(forwarder.into()),
+            forwarder_in_use: in_use.map(str::to_string),
+            only: None,
+            excluded_ports: None,
+            skipped: None,
+            error: None,
+            loads: Loads::default(),
+            proxy: None,
+            elapsed_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_fallback_is_flagged() {
+        let fell = scenario("sockmap", Some("copy"));
+        assert_eq!(fell_back(&fell), Some("copy"));
+        assert_eq!(name_cell(&fell), "tproxy-sockmap **(ran copy!)**");
+        let ran = scenario("sockmap", Some("sockmap"));
+        assert_eq!((fell_back(&ran), name_cell(&ran)), (None, ran.name.clone()));
+        // sluice never said (it died before ready): nothing to contradict.
+        assert_eq!(fell_back(&scenario("sockmap", None)), None);
+    }
 }

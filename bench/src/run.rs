@@ -25,7 +25,9 @@ use serde::Serialize;
 
 use crate::load::{bulk, crr, hold, rr, Errors};
 use crate::profile::{LoadKind, Profile};
-use crate::scenario::{Interceptor, Patience, Proxy, Scenario, Stopped, Tools, PORT};
+use crate::scenario::{
+    forwarder_in_use, Interceptor, Patience, Proxy, Scenario, Stopped, Tools, PORT,
+};
 use crate::sysload::{self, Interference, Monitor};
 use crate::workload::{Peers, Workload};
 
@@ -33,6 +35,18 @@ use crate::workload::{Peers, Workload};
 pub struct ScenarioResult {
     pub name: String,
     pub interceptor: Interceptor,
+    /// The interception mode asked for (None for `direct`).
+    pub mode: Option<String>,
+    /// The forwarder asked for: copy, splice, sockmap, or haproxy.
+    pub forwarder: Option<String>,
+    /// The forwarder sluice said it runs (its ready line): differs from
+    /// `forwarder` when sockmap fell back to copy. None for other
+    /// interceptors, or when sluice never got ready.
+    pub forwarder_in_use: Option<String>,
+    /// The only loads this scenario runs (None: all of the profile's).
+    pub only: Option<Vec<LoadKind>>,
+    /// A policy-size variant: how many ports it gave `--exclude-ports`.
+    pub excluded_ports: Option<usize>,
     /// Why it did not run at all (e.g. HAProxy not installed).
     pub skipped: Option<String>,
     /// Why it stopped early (setup failed, the interceptor died).
@@ -216,6 +230,11 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
         .map(|s| ScenarioResult {
             name: s.name.clone(),
             interceptor: s.interceptor.clone(),
+            mode: s.mode(),
+            forwarder: s.forwarder(),
+            forwarder_in_use: None,
+            only: s.only.clone(),
+            excluded_ports: s.excluded_ports,
             skipped: None,
             error: None,
             loads: Loads::default(),
@@ -232,7 +251,18 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             continue;
         }
         match Live::start(index, scenario, tools) {
-            Ok(live) => lives.push(live),
+            Ok(live) => {
+                if let Some(in_use) = live.proxy.as_ref().and_then(Proxy::forwarder_in_use) {
+                    if scenario.forwarder().is_some_and(|asked| asked != in_use) {
+                        let what = format!(
+                            "FELL BACK: asked for {}, sluice forwards with {in_use} (see its log)",
+                            scenario.forwarder().unwrap_or_default()
+                        );
+                        progress(&scenario.name, "forwarder", &what);
+                    }
+                }
+                lives.push(live);
+            }
             Err(e) => {
                 progress(&scenario.name, "FAILED", &format!("{e:#}"));
                 results[index].error = Some(format!("{e:#}"));
@@ -242,7 +272,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
 
     if profile.runs(LoadKind::Concurrency) {
         // Untimed (counts and memory), so one pass, scenario by scenario.
-        for live in &mut lives {
+        for live in lives.iter_mut().filter(|l| l.runs(LoadKind::Concurrency)) {
             let hold = |l: &Live| l.hold(profile.hold);
             match live.measure("concurrency", false, &hold, profile) {
                 Ok(loaded) => {
@@ -259,7 +289,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             &mut lives,
             &mut results,
             profile,
-            "rr",
+            (LoadKind::Rr, "rr"),
             rr,
             |l, label, x| l.say_rr(label, x),
             |loads, l| loads.rr = Some(l),
@@ -273,7 +303,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
                 &mut lives,
                 &mut results,
                 profile,
-                &name,
+                (LoadKind::Bulk, &name),
                 bulk,
                 |l, label, x| l.say_bulk(label, x),
                 |loads, l| loads.bulk.push(l),
@@ -286,7 +316,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             &mut lives,
             &mut results,
             profile,
-            "crr",
+            (LoadKind::Crr, "crr"),
             crr,
             |l, label, x| l.say_crr(label, x),
             |loads, l| loads.crr = Some(l),
@@ -300,6 +330,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
         result.elapsed_s = live.busy.as_secs_f64();
         result.proxy = live.proxy.take().map(|p| {
             let stopped = p.stop();
+            result.forwarder_in_use = stopped.log.ready.as_deref().and_then(forwarder_in_use);
             if stopped.log.warnings + stopped.log.errors > 0 {
                 let first = stopped
                     .log
@@ -324,7 +355,7 @@ fn interleaved<T: Figures>(
     lives: &mut [Live],
     results: &mut [ScenarioResult],
     profile: &Profile,
-    load: &str,
+    (kind, load): (LoadKind, &str),
     f: impl Fn(&Live) -> Result<T>,
     say: impl Fn(&Live, &str, &Loaded<T>),
     store: impl Fn(&mut Loads, Loaded<T>),
@@ -336,7 +367,7 @@ fn interleaved<T: Figures>(
         for turn in 0..n {
             let j = (turn + round) % n;
             let live = &mut lives[j];
-            if live.dead {
+            if live.dead || !live.runs(kind) {
                 continue;
             }
             let label = if rounds > 1 {
@@ -393,6 +424,7 @@ struct Live<'a> {
     topology: ClientPod,
     index: usize,
     name: String,
+    scenario: Scenario,
     target: SocketAddr,
     patience: &'a Patience,
     /// The interceptor died: no further load for this scenario.
@@ -419,10 +451,15 @@ impl<'a> Live<'a> {
             topology,
             index,
             name,
+            scenario: scenario.clone(),
             patience: &tools.patience,
             dead: false,
             busy: Duration::ZERO,
         })
+    }
+
+    fn runs(&self, load: LoadKind) -> bool {
+        self.scenario.runs(load)
     }
 
     fn client(&self) -> &Netns {

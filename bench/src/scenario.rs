@@ -1,8 +1,10 @@
 //! Scenarios: what stands between the client and the workload, and how to
 //! start and stop it inside the pod namespace.
 //!
-//! A scenario is a name and an [`Interceptor`]. New sluice variants (the eBPF
-//! mode, other forwarders) need no code: `--scenario NAME=ARGS` adds a
+//! A scenario is a name and an [`Interceptor`]. The built-in ones are the
+//! matrix of interception modes × forwarders, beside `direct` and HAProxy,
+//! and the policy-size variants (CRR alone, with 1, 100 and 1,000 excluded
+//! ports). Other sluice variants need no code: `--scenario NAME=ARGS` adds a
 //! `sluice run ARGS` column.
 
 use std::collections::VecDeque;
@@ -18,6 +20,7 @@ use netlab::{Netns, Proc};
 use serde::Serialize;
 
 use crate::procstat;
+use crate::profile::LoadKind;
 use crate::workload::{Workload, ECHO};
 
 /// The workload's port: the one every interceptor intercepts.
@@ -25,11 +28,23 @@ pub const PORT: u16 = 9080;
 /// The interceptor's listening port (sluice's default).
 pub const PROXY_PORT: u16 = 15006;
 const READY_WITHIN: Duration = Duration::from_secs(20);
+/// What sluice says once it forwards; the line names the forwarder in use.
+const SLUICE_READY: &str = "sluice ready";
+
+/// The sizes of the policy-size figure: ports given to `--exclude-ports`.
+pub const POLICY_SIZES: [usize; 3] = [1, 100, 1000];
+/// The first excluded port of the policy-size variants: no load connects to
+/// a port from there on, so the exclusions only cost their lookup.
+const FIRST_EXCLUDED: u16 = 20000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Scenario {
     pub name: String,
     pub interceptor: Interceptor,
+    /// The only loads this scenario runs (None: all of the profile's).
+    pub only: Option<Vec<LoadKind>>,
+    /// A policy-size variant: how many ports it gives `--exclude-ports`.
+    pub excluded_ports: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,43 +61,91 @@ pub enum Interceptor {
 }
 
 impl Scenario {
-    fn sluice(name: &str, args: &[&str]) -> Scenario {
+    fn new(name: &str, interceptor: Interceptor) -> Scenario {
         Scenario {
             name: name.into(),
-            interceptor: Interceptor::Sluice {
-                args: args.iter().map(|a| a.to_string()).collect(),
-            },
+            interceptor,
+            only: None,
+            excluded_ports: None,
         }
     }
 
-    /// Every built-in scenario, in report order; `default` says whether it
-    /// runs when `--scenarios` is not given.
-    pub fn builtin() -> Vec<(Scenario, bool)> {
-        vec![
-            (
-                Scenario {
-                    name: "direct".into(),
-                    interceptor: Interceptor::None,
-                },
-                true,
-            ),
-            (Scenario::sluice("redirect", &["--mode", "redirect"]), true),
-            (Scenario::sluice("tproxy", &["--mode", "tproxy"]), true),
-            (
-                Scenario::sluice(
-                    "tproxy-splice",
-                    &["--mode", "tproxy", "--forward", "splice"],
-                ),
-                false,
-            ),
-            (
-                Scenario {
-                    name: "haproxy".into(),
-                    interceptor: Interceptor::Haproxy,
-                },
-                true,
-            ),
-        ]
+    fn sluice(name: &str, args: &[&str]) -> Scenario {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Scenario::new(name, Interceptor::Sluice { args })
+    }
+
+    /// `mode` with `excluded` ports from [`FIRST_EXCLUDED`] on, each its own
+    /// entry (no ranges: tproxy renders each as one RETURN rule, which is
+    /// the cost being measured), running CRR alone.
+    fn policy_size(mode: &str, excluded: usize) -> Scenario {
+        let ports: Vec<String> = (0..excluded)
+            .map(|i| (usize::from(FIRST_EXCLUDED) + i).to_string())
+            .collect();
+        let mut scenario = Scenario::sluice(
+            &format!("{mode}-excl{excluded}"),
+            &["--mode", mode, "--exclude-ports", &ports.join(",")],
+        );
+        scenario.only = Some(vec![LoadKind::Crr]);
+        scenario.excluded_ports = Some(excluded);
+        scenario
+    }
+
+    /// Every built-in scenario, in report order; all run when `--scenarios`
+    /// is not given. The modes × forwarders matrix first, then the
+    /// policy-size variants.
+    pub fn builtin() -> Vec<Scenario> {
+        let mut all = vec![
+            Scenario::new("direct", Interceptor::None),
+            Scenario::sluice("redirect", &["--mode", "redirect"]),
+        ];
+        for mode in ["tproxy", "ebpf"] {
+            // copy keeps the bare mode's name (the results before the
+            // forwarder dimension called it so).
+            all.push(Scenario::sluice(mode, &["--mode", mode]));
+            for forward in ["splice", "sockmap"] {
+                all.push(Scenario::sluice(
+                    &format!("{mode}-{forward}"),
+                    &["--mode", mode, "--forward", forward],
+                ));
+            }
+        }
+        all.push(Scenario::new("haproxy", Interceptor::Haproxy));
+        for mode in ["tproxy", "ebpf"] {
+            for excluded in POLICY_SIZES {
+                all.push(Scenario::policy_size(mode, excluded));
+            }
+        }
+        all
+    }
+
+    /// Whether this scenario takes part in `load`.
+    pub fn runs(&self, load: LoadKind) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&load))
+    }
+
+    /// The interception mode: sluice's `--mode` (tproxy when not given);
+    /// HAProxy sits behind sluice's tproxy rules; None for `direct`.
+    pub fn mode(&self) -> Option<String> {
+        match &self.interceptor {
+            Interceptor::None => None,
+            Interceptor::Sluice { args } => {
+                Some(flag_value(args, "--mode").unwrap_or_else(|| "tproxy".into()))
+            }
+            Interceptor::Haproxy => Some("tproxy".into()),
+        }
+    }
+
+    /// What moves the bytes: sluice's `--forward` (copy when not given),
+    /// `haproxy`, or None for `direct`.
+    pub fn forwarder(&self) -> Option<String> {
+        match &self.interceptor {
+            Interceptor::None => None,
+            Interceptor::Sluice { args } => {
+                Some(flag_value(args, "--forward").unwrap_or_else(|| "copy".into()))
+            }
+            Interceptor::Haproxy => Some("haproxy".into()),
+        }
     }
 
     /// `NAME=ARGS`: a sluice scenario with these `sluice run` arguments.
@@ -94,17 +157,39 @@ impl Scenario {
         if name.is_empty() || !name.chars().all(valid) {
             bail!("--scenario {spec:?}: the name must be made of [A-Za-z0-9_-]");
         }
-        Ok(Scenario {
-            name: name.into(),
-            interceptor: Interceptor::Sluice {
-                args: args.split_whitespace().map(str::to_string).collect(),
-            },
-        })
+        let args = args.split_whitespace().map(str::to_string).collect();
+        Ok(Scenario::new(name, Interceptor::Sluice { args }))
     }
 
     pub fn is_direct(&self) -> bool {
         self.interceptor == Interceptor::None
     }
+}
+
+/// The last value of `--flag VALUE` or `--flag=VALUE` in `args`, as sluice's
+/// parser (clap) takes it: a later flag wins.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let mut value = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == flag {
+            value = args.next().cloned();
+        } else if let Some(v) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            value = Some(v.to_string());
+        }
+    }
+    value
+}
+
+/// The forwarder a sluice ready line names (`forward=Sockmap`), lower case:
+/// what actually runs, after any fallback.
+pub fn forwarder_in_use(ready_line: &str) -> Option<String> {
+    let value = ready_line.split("forward=").nth(1)?;
+    let word: String = value
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
+    (!word.is_empty()).then(|| word.to_lowercase())
 }
 
 /// What the runner needs to start interceptors.
@@ -178,10 +263,16 @@ pub struct Log {
     pub errors: u64,
     pub first_problems: Vec<String>,
     pub tail: VecDeque<String>,
+    /// sluice's ready line (it names the forwarder in use).
+    pub ready: Option<String>,
+    /// Lines saying connections were forwarded with copy instead of the
+    /// forwarder asked for (sluice's sockmap fallbacks), the first few.
+    pub fallbacks: Vec<String>,
 }
 
 const KEEP_PROBLEMS: usize = 20;
 const KEEP_TAIL: usize = 30;
+const KEEP_FALLBACKS: usize = 5;
 
 impl Log {
     fn push(&mut self, line: String) {
@@ -193,6 +284,14 @@ impl Log {
         self.errors += u64::from(error);
         if (warning || error) && self.first_problems.len() < KEEP_PROBLEMS {
             self.first_problems.push(line.clone());
+        }
+        if self.ready.is_none() && line.contains(SLUICE_READY) {
+            self.ready = Some(line.clone());
+        }
+        // Both of sluice's fallback lines (the engine refused at start; a
+        // connection the kernel would not join) say "with copy".
+        if line.contains("with copy") && self.fallbacks.len() < KEEP_FALLBACKS {
+            self.fallbacks.push(line.clone());
         }
         if self.tail.len() == KEEP_TAIL {
             self.tail.pop_front();
@@ -274,6 +373,12 @@ impl Proxy {
         Ok(())
     }
 
+    /// The forwarder sluice says it runs, once it is ready (None for
+    /// other interceptors).
+    pub fn forwarder_in_use(&self) -> Option<String> {
+        lock(&self.log).ready.as_deref().and_then(forwarder_in_use)
+    }
+
     fn log_text(&self) -> String {
         let log = lock(&self.log);
         log.tail.iter().cloned().collect::<Vec<_>>().join("\n")
@@ -311,14 +416,30 @@ fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
 }
 
 /// The command as the report shows it: the program's file name, not the
-/// build machine's path to it.
+/// build machine's path to it, and long lists shortened (the policy-size
+/// variants exclude 1,000 ports; results.json keeps them whole).
 fn command_line(command: &Command) -> String {
     let program = Path::new(command.get_program());
     std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
         .chain(command.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
+        .map(|a| shorten_list(&a.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `a,b,c,…,z` as `a,b,…,z (N items)` when it has more than a few items.
+fn shorten_list(arg: &str) -> String {
+    let items: Vec<&str> = arg.split(',').collect();
+    if items.len() <= 4 {
+        return arg.to_string();
+    }
+    format!(
+        "{},{},…,{} ({} items)",
+        items[0],
+        items[1],
+        items[items.len() - 1],
+        items.len()
+    )
 }
 
 /// Spawns `command` in `pod` with its stderr (and stdout) collected into a
@@ -346,10 +467,12 @@ fn spawn_logged(
     let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if ready_line.is_some_and(|r| line.contains(r)) {
+            let ready = ready_line.is_some_and(|r| line.contains(r));
+            // Logged first, so whoever hears "ready" finds the line.
+            lock(&lines).push(line);
+            if ready {
                 let _ = ready_tx.send(());
             }
-            lock(&lines).push(line);
         }
     });
     Ok((
@@ -371,7 +494,7 @@ fn start_sluice(args: &[String], tools: &Tools, pod: &Netns) -> Result<Proxy> {
         .args(args)
         .args(["--ports", &PORT.to_string(), "--install-rules"])
         .args(["--workers", &tools.workers.to_string()]);
-    let (mut proxy, ready) = spawn_logged(pod, command, Some("sluice ready"))?;
+    let (mut proxy, ready) = spawn_logged(pod, command, Some(SLUICE_READY))?;
     let deadline = Instant::now() + READY_WITHIN;
     while Instant::now() < deadline {
         if ready.recv_timeout(Duration::from_millis(100)).is_ok() {
@@ -507,4 +630,76 @@ fn echo_once(target: SocketAddr) -> std::io::Result<()> {
         return Err(std::io::Error::other("probe reply is not the echo"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_as_clap_takes_them() {
+        let args = strings(&["--mode", "ebpf", "--forward=splice", "--mode=tproxy"]);
+        assert_eq!(flag_value(&args, "--mode").as_deref(), Some("tproxy"));
+        assert_eq!(flag_value(&args, "--forward").as_deref(), Some("splice"));
+        assert_eq!(flag_value(&args, "--pin"), None);
+        assert_eq!(flag_value(&strings(&["--modex=1"]), "--mode"), None);
+    }
+
+    #[test]
+    fn forwarder_from_the_ready_line() {
+        let line = "2026-11-22T02:31:00Z  INFO sluice::server: sluice ready mode=ebpf \
+                    forward=Sockmap port=15006 workers=2 rules=true";
+        assert_eq!(forwarder_in_use(line).as_deref(), Some("sockmap"));
+        assert_eq!(forwarder_in_use("sluice ready mode=tproxy"), None);
+    }
+
+    #[test]
+    fn matrix_and_policy_sizes() {
+        let all = Scenario::builtin();
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names[..9],
+            [
+                "direct",
+                "redirect",
+                "tproxy",
+                "tproxy-splice",
+                "tproxy-sockmap",
+                "ebpf",
+                "ebpf-splice",
+                "ebpf-sockmap",
+                "haproxy"
+            ]
+        );
+        let sockmap = &all[7];
+        assert_eq!(sockmap.mode().as_deref(), Some("ebpf"));
+        assert_eq!(sockmap.forwarder().as_deref(), Some("sockmap"));
+        assert!(sockmap.runs(LoadKind::Concurrency));
+        let big = all
+            .iter()
+            .find(|s| s.name == "tproxy-excl1000")
+            .expect("tproxy-excl1000");
+        assert_eq!(big.excluded_ports, Some(1000));
+        assert!(big.runs(LoadKind::Crr) && !big.runs(LoadKind::Rr));
+        let Interceptor::Sluice { args } = &big.interceptor else {
+            panic!("{big:?}");
+        };
+        let ports = flag_value(args, "--exclude-ports").expect("--exclude-ports");
+        let ports: Vec<&str> = ports.split(',').collect();
+        assert_eq!(
+            (ports.len(), ports[0], ports[999]),
+            (1000, "20000", "20999")
+        );
+        assert_eq!(all.len(), 9 + 2 * POLICY_SIZES.len());
+    }
+
+    #[test]
+    fn long_lists_shortened() {
+        assert_eq!(shorten_list("1,2,3,4"), "1,2,3,4");
+        assert_eq!(shorten_list("1,2,3,4,5"), "1,2,…,5 (5 items)");
+    }
 }

@@ -1,5 +1,7 @@
-//! The whole `make bench` pipeline with the smoke profile: every scenario ×
-//! every load, results.json, README.md tables and plots, nothing left behind.
+//! The whole `make bench` pipeline with the smoke profile: every load,
+//! results.json, README.md tables and plots, nothing left behind. A subset of
+//! the scenarios keeps it short: each interception mode, an eBPF one with the
+//! sockmap forwarder, HAProxy, and policy-size variants of both modes.
 //!
 //! The sluice binary under test is another package's, so Cargo gives this
 //! test no `CARGO_BIN_EXE_sluice`. The test asks Cargo for it instead:
@@ -56,6 +58,18 @@ fn leftover_namespaces(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+const SCENARIOS: [&str; 7] = [
+    "redirect",
+    "tproxy",
+    "ebpf-sockmap",
+    "haproxy",
+    "tproxy-excl1",
+    "tproxy-excl1000",
+    "ebpf-excl1000",
+];
+/// The scenarios of the main tables (the rest run CRR alone).
+const MATRIX: [&str; 5] = ["direct", "redirect", "tproxy", "ebpf-sockmap", "haproxy"];
+
 #[test]
 fn smoke_profile_end_to_end() {
     let sluice = sluice_binary();
@@ -67,6 +81,7 @@ fn smoke_profile_end_to_end() {
         .arg("--out")
         .arg(&out)
         .args(["--profile", "smoke"])
+        .args(["--scenarios", &SCENARIOS.join(",")])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -104,7 +119,9 @@ fn smoke_profile_end_to_end() {
         .iter()
         .filter_map(|s| s["name"].as_str())
         .collect();
-    assert_eq!(names, ["direct", "redirect", "tproxy", "haproxy"]);
+    let mut expected = vec!["direct"];
+    expected.extend(SCENARIOS);
+    assert_eq!(names, expected);
     for s in scenarios {
         let name = s["name"].as_str().unwrap_or("?");
         if name == "haproxy" && !s["skipped"].is_null() {
@@ -113,6 +130,25 @@ fn smoke_profile_end_to_end() {
         }
         assert!(s["error"].is_null(), "{name}: {}", s["error"]);
         let loads = &s["loads"];
+        if name != "direct" && name != "haproxy" {
+            // What sluice said it runs, not only what it was asked for.
+            assert_eq!(s["forwarder_in_use"], s["forwarder"], "{name}");
+        }
+        if !MATRIX.contains(&name) {
+            assert_eq!(s["only"], serde_json::json!(["crr"]), "{name}");
+            assert!(s["excluded_ports"].as_u64().is_some(), "{name}");
+            for absent in ["concurrency", "rr"] {
+                assert!(loads[absent].is_null(), "{name} ran {absent}");
+            }
+            let crr = &loads["crr"];
+            assert!(crr["error"].is_null(), "{name}: {}", crr["error"]);
+            assert_eq!(crr["peers"]["not_via_proxy"], 0, "{name} bypassed: {crr}");
+            assert!(
+                crr["report"]["completed"].as_u64().unwrap_or(0) > 0,
+                "{name}"
+            );
+            continue;
+        }
         let mut all = vec![&loads["concurrency"], &loads["rr"], &loads["crr"]];
         let bulk = loads["bulk"].as_array().expect("bulk loads");
         assert_eq!(bulk.len(), 2, "{name}: bulk with 1 and 4 streams");
@@ -147,7 +183,7 @@ fn smoke_profile_end_to_end() {
             hold["conntrack_per_connection"].is_number(),
             "{name}: {hold}"
         );
-        if name == "tproxy" {
+        if name == "tproxy" || name == "ebpf-sockmap" {
             assert_eq!(
                 hold["conntrack_peak"], 0,
                 "TPROXY needs no conntrack: {hold}"
@@ -160,6 +196,7 @@ fn smoke_profile_end_to_end() {
 
     let md = std::fs::read_to_string(out.join("README.md")).expect("README.md");
     for heading in [
+        "## Summary",
         "## RR",
         "## CRR",
         "## Bulk",
@@ -172,15 +209,24 @@ fn smoke_profile_end_to_end() {
             .unwrap_or_else(|| panic!("{heading} in\n{md}"));
         let section = section.split("\n## ").next().unwrap_or_default();
         assert!(section.contains("|---"), "{heading} has a table");
-        for name in &names {
+        for name in MATRIX {
             assert!(
                 section.contains(&format!("| {name} |")),
                 "{heading}: row {name}"
             );
         }
     }
+    let policy = md
+        .split("## Policy size")
+        .nth(1)
+        .unwrap_or_else(|| panic!("## Policy size in\n{md}"));
+    let policy = policy.split("\n## ").next().unwrap_or_default();
+    for row in ["| tproxy | 1 | ", "| tproxy | 1000 | ", "| ebpf | 1000 | "] {
+        assert!(policy.contains(row), "policy row {row:?} in\n{policy}");
+    }
+    assert!(!policy.contains("failed"), "{policy}");
     let run_name = run_dir.file_name().unwrap().to_string_lossy().into_owned();
-    for svg in ["rr-latency.svg", "conntrack.svg"] {
+    for svg in ["rr-latency.svg", "conntrack.svg", "policy-size.svg"] {
         let text = std::fs::read_to_string(run_dir.join(svg)).expect(svg);
         assert!(text.starts_with("<svg"), "{svg}");
         assert!(
