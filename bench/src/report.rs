@@ -499,8 +499,10 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
          bulk throughput and the interceptor's CPU seconds per 10⁹ bytes ({} stream{}), and \
          the interceptor's memory per idle connection at {} open connections. — where a \
          load did not run. sockmap moves the bytes in the kernel (softirq and kworker \
-         threads), which is not charged to sluice's process: its CPU s/GB counts only what \
-         sluice's own threads do.\n",
+         threads), which is not charged to sluice's process: its proxy CPU s/GB counts only \
+         what sluice's own threads do. Machine CPU s/GB counts every busy CPU second of \
+         the machine during the load (client, workload and kernel included), the same way \
+         for every scenario: that is the figure to compare forwarders by.\n",
         p.rr.rate,
         p.crr.clients,
         first_bulk.map_or(0, |b| b.streams),
@@ -513,9 +515,12 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     );
     let _ = writeln!(
         md,
-        "| scenario | mode | forwarder | RR p99 µs | vs direct | CRR conn/s | vs direct | bulk Gbit/s | vs direct | proxy CPU s/GB | proxy RSS KiB/conn |"
+        "| scenario | mode | forwarder | RR p99 µs | vs direct | CRR conn/s | vs direct | bulk Gbit/s | vs direct | proxy CPU s/GB | machine CPU s/GB | vs direct | proxy RSS KiB/conn |"
     );
-    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     let rr = |s: &ScenarioResult| Some(s.loads.rr.as_ref()?.report.as_ref()?.latency.p99_us);
     let crr = |s: &ScenarioResult| Some(s.loads.crr.as_ref()?.report.as_ref()?.report.rate);
     fn bulk(s: &ScenarioResult) -> Option<&crate::run::BulkFigures> {
@@ -532,14 +537,16 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     let dash = |v: Option<f64>, f: fn(f64) -> String| v.map_or("—".into(), f);
     for s in run.matrix() {
         if s.skipped.is_some() || (s.error.is_some() && s.proxy.is_none()) {
-            md.push_str(&missing_row(s, None, 11));
+            md.push_str(&missing_row(s, None, 13));
             continue;
         }
-        let (d_rr, d_crr, d_bulk) = (
+        let (d_rr, d_crr, d_bulk, d_machine) = (
             direct.and_then(rr),
             direct.and_then(crr),
             direct.and_then(bulk).map(|b| b.report.gbit_per_s),
+            direct.and_then(bulk).and_then(|b| b.machine_cpu_s_per_gb),
         );
+        let machine = bulk(s).and_then(|b| b.machine_cpu_s_per_gb);
         let gbit = bulk(s).map(|b| b.report.gbit_per_s);
         let forwarder = match fell_back(s) {
             Some(in_use) => format!(
@@ -550,7 +557,7 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {forwarder} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {forwarder} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             name_cell(s),
             s.mode.as_deref().unwrap_or("—"),
             dash(rr(s), us),
@@ -574,6 +581,12 @@ fn summary(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
             dash(bulk(s).and_then(|b| b.proxy_cpu_s_per_gb), |c| format!(
                 "{c:.3}"
             )),
+            dash(machine, |c| format!("{c:.3}")),
+            if machine.is_some() {
+                ratio(machine, d_machine)
+            } else {
+                "—".into()
+            },
             dash(rss(s), |k| format!("{k:.1}")),
         );
     }
@@ -714,30 +727,40 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
          time of the interceptor process (all threads) over the load, from \
          `/proc/<pid>/stat`, per 10⁹ bytes moved. With sockmap the kernel moves the bytes \
          (softirq and kworker threads, not charged to sluice), so its figure is sluice's own \
-         share only, not the cost of forwarding.\n"
+         share only, not the cost of forwarding. Machine CPU is every busy CPU second of \
+         the machine over the load (/proc/stat: user, system, irq, softirq; client, \
+         workload and kernel threads included), per 10⁹ bytes: the fair cost to compare.\n"
     );
     let _ = writeln!(
         md,
-        "| scenario | streams | Gbit/s | vs direct | proxy CPU s | proxy CPU s/GB | errors | bypassed | others / steal |"
+        "| scenario | streams | Gbit/s | vs direct | proxy CPU s | proxy CPU s/GB | machine CPU s/GB | vs direct | errors | bypassed | others / steal |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for (index, params) in run.profile.bulk.iter().enumerate() {
         let d = direct.and_then(|s| s.loads.bulk.get(index)?.report.as_ref());
         for s in run.matrix() {
             let loaded = s.loads.bulk.get(index);
             let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
-                md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 9));
+                md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11));
                 continue;
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 name_cell(s),
                 params.streams,
                 f.report.gbit_per_s,
                 ratio(Some(f.report.gbit_per_s), d.map(|d| d.report.gbit_per_s)),
                 opt(f.proxy_cpu_s, |c| format!("{c:.2}")),
                 opt(f.proxy_cpu_s_per_gb, |c| format!("{c:.3}")),
+                opt(f.machine_cpu_s_per_gb, |c| format!("{c:.3}")),
+                ratio(
+                    f.machine_cpu_s_per_gb,
+                    d.and_then(|d| d.machine_cpu_s_per_gb)
+                ),
                 errors(f.report.errors.total(), loaded),
                 loaded.map_or("—".into(), |x| bypassed(s, x)),
                 others(loaded),

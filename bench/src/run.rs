@@ -124,6 +124,11 @@ impl Figures for BulkFigures {
         self.report.merge(other.report);
         self.proxy_cpu_s = self.proxy_cpu_s.zip(other.proxy_cpu_s).map(|(a, b)| a + b);
         self.proxy_cpu_s_per_gb = cpu_per_gb(self.proxy_cpu_s, self.report.bytes);
+        self.machine_cpu_s = self
+            .machine_cpu_s
+            .zip(other.machine_cpu_s)
+            .map(|(a, b)| a + b);
+        self.machine_cpu_s_per_gb = cpu_per_gb(self.machine_cpu_s, self.report.bytes);
         Ok(())
     }
 }
@@ -193,6 +198,11 @@ pub struct BulkFigures {
     /// utime + stime of the interceptor over the load.
     pub proxy_cpu_s: Option<f64>,
     pub proxy_cpu_s_per_gb: Option<f64>,
+    /// Busy CPU time of the whole machine over the load: client, workload,
+    /// interceptor and the kernel's own threads and softirqs. The one figure
+    /// that is fair to sockmap, whose forwarding no process is charged for.
+    pub machine_cpu_s: Option<f64>,
+    pub machine_cpu_s_per_gb: Option<f64>,
 }
 
 fn cpu_per_gb(cpu_s: Option<f64>, bytes: u64) -> Option<f64> {
@@ -644,11 +654,17 @@ impl<'a> Live<'a> {
 
     fn bulk(&self, params: bulk::Params) -> Result<BulkFigures> {
         let cpu_before = self.proxy_cpu();
+        let machine_before = sysload::machine_busy_seconds();
         let report = bulk::run(self.client(), self.target, params)?;
         let proxy_cpu_s = cpu_before.zip(self.proxy_cpu()).map(|(a, b)| b - a);
+        let machine_cpu_s = machine_before
+            .zip(sysload::machine_busy_seconds())
+            .map(|(a, b)| b - a);
         Ok(BulkFigures {
             proxy_cpu_s,
             proxy_cpu_s_per_gb: cpu_per_gb(proxy_cpu_s, report.bytes),
+            machine_cpu_s,
+            machine_cpu_s_per_gb: cpu_per_gb(machine_cpu_s, report.bytes),
             report,
         })
     }

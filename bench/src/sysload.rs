@@ -200,6 +200,31 @@ fn other_processes(ours: &[u32]) -> Vec<(u32, String, u64)> {
         .collect()
 }
 
+/// CPU seconds the whole machine has spent busy so far: user, nice, system,
+/// irq and softirq of every core from /proc/stat, so work the kernel does
+/// outside any process (softirq, kworkers: sockmap's forwarding) counts too.
+/// Idle, iowait and steal are not work done here.
+pub fn machine_busy_seconds() -> Option<f64> {
+    busy_ticks(&fs::read_to_string("/proc/stat").ok()?)
+        .zip(procstat::ticks_per_second().ok())
+        .map(|(busy, hz)| busy as f64 / hz as f64)
+}
+
+fn busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(
+        [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&i| v.get(i).copied().unwrap_or(0))
+            .sum(),
+    )
+}
+
 /// `(steal, total)` ticks from /proc/stat's aggregate `cpu` line.
 fn read_cpu_line() -> Option<(u64, u64)> {
     parse_cpu_line(&fs::read_to_string("/proc/stat").ok()?)
@@ -221,6 +246,13 @@ fn parse_cpu_line(stat: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 2 30 5000 40 5 6 70 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(busy_ticks(stat), Some(100 + 2 + 30 + 5 + 6));
+        assert!(machine_busy_seconds().is_some_and(|s| s > 0.0));
+    }
 
     #[test]
     fn cpu_line() {
