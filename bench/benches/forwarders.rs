@@ -64,6 +64,14 @@ enum Serve {
     Echo { unit: usize },
 }
 
+impl Serve {
+    fn unit(self) -> usize {
+        match self {
+            Serve::Sink { unit } | Serve::Echo { unit } => unit,
+        }
+    }
+}
+
 /// Bytes the server read and wrote on its one connection.
 struct Served {
     received: u64,
@@ -107,12 +115,21 @@ impl Path {
         client
             .set_write_timeout(Some(PATIENCE))
             .expect("client write timeout");
-        Path {
+        let mut path = Path {
             route,
             client,
             server,
             forwarder,
+        };
+        // One exchange before any measurement: the connection is then set
+        // up all the way (for sockmap: joined, which the kernel refuses
+        // after a FIN), also when a filter skips the benchmark.
+        let probe = payload(serve.unit());
+        match serve {
+            Serve::Sink { .. } => path.transfer(&probe),
+            Serve::Echo { .. } => path.round_trip(&probe, &mut vec![0; probe.len()]),
         }
+        path
     }
 
     /// Sends `payload` and waits for the server's acknowledgement.
@@ -245,10 +262,8 @@ fn serve_one(listener: TcpListener, serve: Serve) -> Served {
         received: 0,
         sent: 0,
     };
-    let (unit, echo) = match serve {
-        Serve::Sink { unit } => (unit, false),
-        Serve::Echo { unit } => (unit, true),
-    };
+    let unit = serve.unit();
+    let echo = matches!(serve, Serve::Echo { .. });
     let mut buf = vec![0u8; unit.min(256 << 10)];
     while let Some(last) = read_unit(&mut stream, &mut buf, unit) {
         served.received += unit as u64;
