@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
 BENCH_PACKAGES := haproxy
 
-.PHONY: all deps bench-deps build test lint bench clean check-leftovers
+.PHONY: all deps bench-deps build test lint bench bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
 
 all: build
 
@@ -49,6 +49,22 @@ bench: bench-deps
 	$(CARGO) build --release --workspace
 	./target/release/sluice-bench --sluice ./target/release/sluice --out results
 	@$(MAKE) --no-print-directory check-leftovers
+
+# Criterion micro-benchmarks of the forwarders on 127.0.0.1 (no namespace);
+# a baseline is saved under the target directory's criterion/ and compared
+# with later (criterion reports each change; it does not fail on one).
+MICRO_BENCH := $(CARGO) bench -p sluice-bench --bench forwarders
+
+bench-micro: deps
+	$(MICRO_BENCH)
+
+bench-micro-baseline: deps
+	$(MICRO_BENCH) -- --save-baseline main
+
+bench-micro-check: deps
+	@ls -d $${CRITERION_HOME:-$${CARGO_TARGET_DIR:-target}/criterion}/*/*/main >/dev/null 2>&1 || \
+	  { echo "no saved micro-benchmark baseline 'main': run 'make bench-micro-baseline' first"; exit 1; }
+	$(MICRO_BENCH) -- --baseline main
 
 clean:
 	$(CARGO) clean
