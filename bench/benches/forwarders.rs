@@ -1,6 +1,9 @@
-//! Micro-benchmarks of sluice's forwarders on 127.0.0.1, no namespace and no
-//! interception: a client socket ⇄ a forwarder joining the socket it
-//! accepted and its own socket to the server ⇄ a sink or echo server.
+//! Micro-benchmarks of sluice's forwarders on 127.0.0.1, no interception: a
+//! client socket ⇄ a forwarder joining the socket it accepted and its own
+//! socket to the server ⇄ a sink or echo server. Every socket lives in a
+//! netlab namespace made per group (the machine's own namespace is left
+//! alone, and the sockmap holds only those sockets): the threads that make
+//! them are started inside it, and so stay in it.
 //!
 //! The forwarder runs as in a sluice worker: on its own thread, in its own
 //! tokio-uring runtime, with sluice's upstream connect and forwarder. The
@@ -22,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use netlab::Netns;
 use sluice::config::Forwarder;
 use sluice::forward::sockmap::{self, SockmapEngine};
 use sluice::forward::{self, End, Forwarded, Forwarding};
@@ -87,7 +91,12 @@ struct Path {
 }
 
 impl Path {
-    fn open(route: Route, serve: Serve) -> Path {
+    fn open(ns: &Netns, route: Route, serve: Serve) -> Path {
+        // A thread inherits the namespace of the thread that starts it.
+        ns.run(|| Path::open_here(route, serve))
+    }
+
+    fn open_here(route: Route, serve: Serve) -> Path {
         let server_listener = loopback_listener();
         let server_addr = local_addr(&server_listener);
         let server = std::thread::Builder::new()
@@ -328,8 +337,9 @@ fn transfer(c: &mut Criterion, name: &str, len: usize) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(2));
     }
+    let ns = Netns::new("micro").expect("a network namespace for the benchmark (needs root)");
     for route in ROUTES {
-        let mut path = Path::open(route, Serve::Sink { unit: len });
+        let mut path = Path::open(&ns, route, Serve::Sink { unit: len });
         group.bench_function(route.name(), |b| b.iter(|| path.transfer(&payload)));
         path.close();
     }
@@ -350,8 +360,9 @@ fn round_trips(c: &mut Criterion) {
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
+    let ns = Netns::new("micro").expect("a network namespace for the benchmark (needs root)");
     for route in ROUTES {
-        let mut path = Path::open(route, Serve::Echo { unit: LEN });
+        let mut path = Path::open(&ns, route, Serve::Echo { unit: LEN });
         group.bench_function(route.name(), |b| {
             b.iter(|| path.round_trip(&request, &mut reply))
         });
