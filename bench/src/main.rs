@@ -55,7 +55,8 @@ struct Cli {
     /// e.g. --scenario 'redirect-splice=--mode redirect --forward splice'.
     #[arg(long = "scenario")]
     custom: Vec<String>,
-    /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr.
+    /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr,
+    /// exhaustion.
     #[arg(long, value_delimiter = ',', value_enum)]
     loads: Vec<LoadKind>,
     /// The HAProxy binary [default: haproxy from PATH or /usr/sbin]; when

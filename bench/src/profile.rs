@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::load::{bulk, crr, hold, rr};
+use crate::load::{bulk, crr, exhaust, hold, rr};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,6 +33,8 @@ pub enum LoadKind {
     Rr,
     Bulk,
     Crr,
+    /// Last: it fills and flushes the pod's conntrack table.
+    Exhaustion,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +46,7 @@ pub struct Profile {
     pub crr: crr::Params,
     pub bulk: Vec<bulk::Params>,
     pub hold: hold::Params,
+    pub exhaustion: exhaust::Params,
     /// Timed loads (RR, bulk, CRR) run this many times per scenario, the
     /// scenarios taking turns; the durations above are per round.
     pub rounds: u32,
@@ -82,6 +85,11 @@ impl Profile {
                     hold: ms(300),
                     parallel: 64,
                 },
+                exhaustion: exhaust::Params {
+                    free: 64,
+                    connections: 256,
+                    parallel: 256,
+                },
                 rounds: 1,
                 quiet_wait: Duration::ZERO,
                 attempts: 1,
@@ -106,6 +114,11 @@ impl Profile {
                     steps: 5,
                     hold: s(1),
                     parallel: 128,
+                },
+                exhaustion: exhaust::Params {
+                    free: 256,
+                    connections: 1024,
+                    parallel: 512,
                 },
                 rounds: 2,
                 quiet_wait: s(10),
@@ -132,6 +145,11 @@ impl Profile {
                     hold: s(3),
                     parallel: 256,
                 },
+                exhaustion: exhaust::Params {
+                    free: 1024,
+                    connections: 4096,
+                    parallel: 1024,
+                },
                 rounds: 3,
                 quiet_wait: s(60),
                 attempts: 3,
@@ -150,6 +168,7 @@ impl Profile {
         let bulk = self.bulk.iter().map(|b| b.streams).max().unwrap_or(0);
         self.hold
             .connections
+            .max(self.exhaustion.connections)
             .max(self.rr.connections)
             .max(self.crr.clients)
             .max(bulk)

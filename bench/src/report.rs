@@ -93,6 +93,9 @@ impl Run {
             if let Some(x) = &l.crr {
                 check("crr", &x.error, x.bypassed(direct));
             }
+            if let Some(x) = &l.exhaustion {
+                check("exhaustion", &x.error, x.bypassed(direct));
+            }
         }
         problems
     }
@@ -473,6 +476,8 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
     }
     if runs(LoadKind::Concurrency) {
         concurrency_table(&mut md, run, direct, rel, plots);
+    }
+    if runs(LoadKind::Exhaustion) {
         exhaustion(&mut md, run);
     }
     if runs(LoadKind::Crr) {
@@ -847,43 +852,68 @@ fn concurrency_table(
 }
 
 fn exhaustion(md: &mut String, run: &Run) {
+    let p = &run.profile.exhaustion;
+    let max = run
+        .conntrack_max
+        .map_or("nf_conntrack_max".into(), |m| m.to_string());
     let _ = writeln!(md, "## Conntrack exhaustion\n");
     let _ = writeln!(
         md,
-        "The intended experiment sets `net.netfilter.nf_conntrack_max` small (1024) in the \
-         pod namespace and opens more connections than that. It cannot be done here: on \
-         this kernel `nf_conntrack_max` is read-only (mode 0444, `EACCES` on write) in every \
-         namespace but the machine's own, and changing the machine's own namespace is out \
-         of bounds for the benchmark (it would change the host). What decides exhaustion is \
-         how many entries each connection costs, which the concurrency load measures; the \
-         last column divides the table size every namespace sees by that cost. It is \
-         derived, not observed.\n"
+        "The pod namespace's conntrack table is filled until {} of its {max} entries are \
+         free, then {} connections are opened at once ({} handshakes in flight, connect \
+         timeout {}: the first SYN and its retransmission after 1 s), each proven with one \
+         echo and held until every attempt has ended. `nf_conntrack_max` cannot be lowered \
+         instead: it is read-only in every namespace but the machine's own, which the \
+         benchmark leaves alone; but the kernel compares each namespace's own count with it, \
+         so `conntrack -R` inside the pod namespace fills the table with fake ESTABLISHED, \
+         ASSURED entries (never dropped to make room), deleted afterwards. The table is \
+         flushed first, so entries of earlier loads cannot expire mid-load. Conntrack counts \
+         are the pod namespace's, once filled and with the connections held.\n",
+        p.free,
+        p.connections,
+        p.parallel,
+        secs(crate::load::exhaust::CONNECT_TIMEOUT),
     );
-    let max = run.conntrack_max;
     let _ = writeln!(
         md,
-        "| scenario | conntrack entries per open connection | nf_conntrack_max | open connections that fill it (derived) |"
+        "| scenario | free entries | attempted | succeeded | share | conntrack before | conntrack held | failed | bypassed |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|");
-    for s in &run.scenarios {
-        let per = s
-            .loads
-            .concurrency
-            .as_ref()
-            .and_then(|l| l.report.as_ref())
-            .and_then(|f| f.conntrack_per_connection);
-        let fills = match (per, max) {
-            (Some(per), Some(max)) if per >= 0.01 => format!("{:.0}", max as f64 / per),
-            (Some(_), Some(_)) => "never (no entries)".into(),
-            _ => "n/a".into(),
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in run.matrix() {
+        let loaded = s.loads.exhaustion.as_ref();
+        let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 9));
+            continue;
+        };
+        let share = format!("{:.1}%", r.share * 100.0);
+        let share = if r.succeeded < r.attempted {
+            format!("**{share}**")
+        } else {
+            share
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {fills} |",
+            "| {} | {} | {} | {} | {share} | {} | {} | {} | {} |",
             s.name,
-            opt(per, |p| format!("{p:.2}")),
-            opt(max, |m| m.to_string()),
+            r.free,
+            r.attempted,
+            r.succeeded,
+            r.conntrack_before,
+            r.conntrack_after,
+            r.errors.total(),
+            loaded.map_or("—".into(), |x| bypassed(s, x)),
         );
+    }
+    let failures: Vec<String> = run
+        .scenarios
+        .iter()
+        .filter_map(|s| {
+            let r = s.loads.exhaustion.as_ref()?.report.as_ref()?;
+            (r.errors.total() > 0).then(|| format!("{}: {:?}", s.name, r.errors.0))
+        })
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(md, "\nFailures by kind: {}.", failures.join("; "));
     }
     md.push('\n');
 }

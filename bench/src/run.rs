@@ -15,6 +15,8 @@
 //! Load order matters: the concurrency load runs first, on an empty
 //! conntrack table, and CRR runs last, because its hundreds of thousands of
 //! short connections leave TIME_WAIT entries (conntrack and sockets) behind.
+//! The exhaustion load comes after everything: it fills the pod's conntrack
+//! table and flushes it.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use netlab::{ClientPod, Netns};
 use serde::Serialize;
 
-use crate::load::{bulk, crr, hold, rr, Errors};
+use crate::load::{bulk, crr, exhaust, hold, rr, Errors};
 use crate::profile::{LoadKind, Profile};
 use crate::scenario::{
     forwarder_in_use, Interceptor, Patience, Proxy, Scenario, Stopped, Tools, PORT,
@@ -63,6 +65,7 @@ pub struct Loads {
     pub rr: Option<Loaded<rr::Report>>,
     pub bulk: Vec<Loaded<BulkFigures>>,
     pub crr: Option<Loaded<CrrFigures>>,
+    pub exhaustion: Option<Loaded<exhaust::Report>>,
 }
 
 /// A load's outcome over all its rounds: the merged figures, or why there
@@ -331,6 +334,26 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             |l, label, x| l.say_crr(label, x),
             |loads, l| loads.crr = Some(l),
         );
+    }
+    if profile.runs(LoadKind::Exhaustion) {
+        // Untimed (counts), so one pass, scenario by scenario.
+        let exhaust =
+            |l: &Live| exhaust::run(&l.topology.pod, l.client(), l.target, profile.exhaustion);
+        for live in lives
+            .iter_mut()
+            .filter(|l| !l.dead && l.runs(LoadKind::Exhaustion))
+        {
+            match live.measure("exhaustion", false, &exhaust, profile) {
+                Ok(loaded) => {
+                    if let Some(r) = &loaded.report {
+                        let line = r.summary() + &live.bypass_note(loaded.peers);
+                        progress(&live.name, "exhaustion", &line);
+                    }
+                    results[live.index].loads.exhaustion = Some(loaded);
+                }
+                Err(e) => live.died(&mut results, e),
+            }
+        }
     }
 
     // Stopped while the namespaces still exist, so sluice can remove its

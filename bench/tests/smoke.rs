@@ -137,7 +137,7 @@ fn smoke_profile_end_to_end() {
         if !MATRIX.contains(&name) {
             assert_eq!(s["only"], serde_json::json!(["crr"]), "{name}");
             assert!(s["excluded_ports"].as_u64().is_some(), "{name}");
-            for absent in ["concurrency", "rr"] {
+            for absent in ["concurrency", "rr", "exhaustion"] {
                 assert!(loads[absent].is_null(), "{name} ran {absent}");
             }
             let crr = &loads["crr"];
@@ -149,7 +149,12 @@ fn smoke_profile_end_to_end() {
             );
             continue;
         }
-        let mut all = vec![&loads["concurrency"], &loads["rr"], &loads["crr"]];
+        let mut all = vec![
+            &loads["concurrency"],
+            &loads["rr"],
+            &loads["crr"],
+            &loads["exhaustion"],
+        ];
         let bulk = loads["bulk"].as_array().expect("bulk loads");
         assert_eq!(bulk.len(), 2, "{name}: bulk with 1 and 4 streams");
         all.extend(bulk);
@@ -191,6 +196,23 @@ fn smoke_profile_end_to_end() {
         }
         if name == "redirect" {
             assert!(hold["conntrack_per_connection"].as_f64().unwrap_or(0.0) >= 1.0);
+        }
+        // A full conntrack table: NAT needs entries, TPROXY and direct none.
+        let exhaustion = &loads["exhaustion"]["report"];
+        let (attempted, succeeded) = (&exhaustion["attempted"], &exhaustion["succeeded"]);
+        assert_eq!(
+            exhaustion["free"], exhaustion["params"]["free"],
+            "{name}: {exhaustion}"
+        );
+        match name {
+            "direct" | "tproxy" | "haproxy" => {
+                assert_eq!(succeeded, attempted, "{name}: {exhaustion}")
+            }
+            "redirect" => assert!(
+                succeeded.as_u64() < attempted.as_u64(),
+                "{name}: {exhaustion}"
+            ),
+            _ => {}
         }
     }
 

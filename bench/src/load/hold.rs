@@ -7,6 +7,7 @@
 //! bounded number of handshakes in flight so no listen queue overflows.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -95,19 +96,14 @@ async fn ramp(
     let start = Instant::now();
     for step in 1..=params.steps {
         let goal = params.connections * step / params.steps;
-        let mut in_flight = JoinSet::new();
-        while attempted < goal || !in_flight.is_empty() {
-            while attempted < goal && in_flight.len() < params.parallel {
-                in_flight.spawn(open(target, attempted as u64));
-                attempted += 1;
-            }
-            match in_flight.join_next().await {
-                Some(Ok(Ok(stream))) => streams.push(stream),
-                Some(Ok(Err((step, e)))) => errors.add(step, &e),
-                Some(Err(e)) => errors.add_kind(&format!("task: {e}")),
-                None => {}
-            }
-        }
+        let opening = Opening {
+            target,
+            indexes: attempted as u64..goal as u64,
+            parallel: params.parallel,
+            connect_timeout: IO_TIMEOUT,
+        };
+        opening.run(&mut streams, &mut errors).await;
+        attempted = goal;
         samples.push(sample(streams.len()));
     }
     let ramp_s = start.elapsed().as_secs_f64();
@@ -143,9 +139,46 @@ async fn ramp(
     })
 }
 
-async fn open(target: SocketAddr, index: u64) -> Result<TcpStream, (&'static str, std::io::Error)> {
+/// Connections to open, each proven with one echo, `parallel` handshakes
+/// in flight at a time.
+pub(super) struct Opening {
+    pub target: SocketAddr,
+    /// Each connection's index, which its echo carries.
+    pub indexes: Range<u64>,
+    pub parallel: usize,
+    /// A SYN the kernel dropped is sent again after 1 s, 3 s, 7 s …: this
+    /// bounds how long one is waited for.
+    pub connect_timeout: Duration,
+}
+
+impl Opening {
+    /// Adds the connections that were opened to `streams`, the failures to
+    /// `errors`.
+    pub async fn run(self, streams: &mut Vec<TcpStream>, errors: &mut Errors) {
+        let mut indexes = self.indexes;
+        let mut in_flight = JoinSet::new();
+        loop {
+            while in_flight.len() < self.parallel.max(1) {
+                let Some(index) = indexes.next() else { break };
+                in_flight.spawn(open(self.target, index, self.connect_timeout));
+            }
+            match in_flight.join_next().await {
+                Some(Ok(Ok(stream))) => streams.push(stream),
+                Some(Ok(Err((step, e)))) => errors.add(step, &e),
+                Some(Err(e)) => errors.add_kind(&format!("task: {e}")),
+                None => break,
+            }
+        }
+    }
+}
+
+async fn open(
+    target: SocketAddr,
+    index: u64,
+    connect_timeout: Duration,
+) -> Result<TcpStream, (&'static str, std::io::Error)> {
     let timed_out = |step| (step, std::io::Error::from(std::io::ErrorKind::TimedOut));
-    let mut stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(target))
+    let mut stream = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
         .await
         .map_err(|_| timed_out("connect"))?
         .map_err(|e| ("connect", e))?;

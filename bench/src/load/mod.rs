@@ -4,6 +4,7 @@
 
 pub mod bulk;
 pub mod crr;
+pub mod exhaust;
 pub mod hold;
 pub mod rr;
 
