@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{bulk, crr, hold, rr};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProfileName {
     /// Seconds in total: proves the pipeline works (the smoke test).
@@ -16,6 +16,9 @@ pub enum ProfileName {
     Quick,
     /// About ten minutes on two cores: the committed results.
     Default,
+    /// `make bench-check`: a few minutes on two cores, several short rounds
+    /// so that one disturbed moment weighs little.
+    Check,
 }
 
 impl std::fmt::Display for ProfileName {
@@ -136,6 +139,36 @@ impl Profile {
                 quiet_wait: s(120),
                 attempts: 3,
                 wait_budget: s(900),
+            },
+            ProfileName::Check => Profile {
+                name,
+                loads: all_loads(),
+                rr: rr::Params {
+                    connections: 16,
+                    rate: 4000.0,
+                    duration: s(2),
+                    warmup: 50,
+                },
+                crr: crr::Params {
+                    clients: 8,
+                    duration: ms(1500),
+                },
+                bulk: bulk_params(s(1)),
+                // Conntrack and memory per connection need no more: the
+                // conntrack count is exact, and 1,000 connections put a
+                // 1 KiB-per-connection regression at 1 MiB of RSS.
+                hold: hold::Params {
+                    connections: 1000,
+                    steps: 4,
+                    hold: ms(500),
+                    parallel: 128,
+                },
+                rounds: 3,
+                // CI must end: a short wait for quiet, one repeat, and a
+                // budget that caps both.
+                quiet_wait: s(10),
+                attempts: 2,
+                wait_budget: s(60),
             },
         }
     }
