@@ -56,12 +56,21 @@
 //! The range of a handful of runs underestimates the range of the next
 //! hundred, hence `SPREAD_FACTOR` = 2. The floors are for the noise a few
 //! baseline runs may not have met on a shared 2-core VM: 15% for medians and
-//! rates, 25% for p99 (the tail is where neighbours show) and for CPU per
-//! byte (CPU time is counted in 10 ms ticks over short loads), 0.05 conntrack
+//! rates, 25% for CPU per byte (CPU time is counted in 10 ms ticks over short
+//! loads), 50% for p99: the tail is where neighbours show, and on this VM
+//! direct's own p99 has been seen at 3× an interceptor's in the same run
+//! (results/2026-11-22-vm), so a ratio of two p99s swings far more than the
+//! issue's 15-25%; a tighter floor would make the check flaky. 0.05 conntrack
 //! entries per connection (entries of earlier connections expiring during the
 //! hold), 1 KiB of RSS per connection (allocator growth is stepwise). A
 //! regression smaller than the floor is not caught by one check; it shows
 //! when it accumulates, or in `make bench`.
+//!
+//! When a run regresses only on such toleranced figures, the check runs
+//! again (`--confirm`) and judges each figure by its better value over the
+//! runs ([`best_of`]): a figure fails only when every run was beyond its
+//! tolerance, which a passing moment of load on the machine cannot do. Exact
+//! figures and missing ones fail at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -79,7 +88,7 @@ use crate::scenario::Interceptor;
 pub const SPREAD_FACTOR: f64 = 2.0;
 
 const RR_P50: Rule = Rule::relative(Bad::Higher, 0.15);
-const RR_P99: Rule = Rule::relative(Bad::Higher, 0.25);
+const RR_P99: Rule = Rule::relative(Bad::Higher, 0.50);
 const CRR_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
 const BULK_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
 const BULK_CPU: Rule = Rule::relative(Bad::Higher, 0.25);
@@ -504,6 +513,43 @@ impl Comparison {
     pub fn failures(&self) -> usize {
         self.rows.iter().filter(|r| r.verdict.fails()).count()
     }
+
+    /// It failed, only on figures with a tolerance: another run may say
+    /// whether that was noise.
+    pub fn worth_confirming(&self) -> bool {
+        !self.passed()
+            && self
+                .rows
+                .iter()
+                .filter(|r| r.verdict.fails())
+                .all(|r| r.verdict == Verdict::Regression && r.rule != Rule::Zero)
+    }
+}
+
+/// Each figure at its best over several runs of the same check (its worst
+/// for exact figures), for figures every run has: a figure regresses only
+/// if it did in every run.
+pub fn best_of(runs: &[Vec<Measured>]) -> Vec<Measured> {
+    let Some((first, rest)) = runs.split_first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter_map(|m| {
+            let mut best = m.clone();
+            for run in rest {
+                let other = run.iter().find(|x| x.key() == m.key())?.value;
+                best.value = match m.rule {
+                    Rule::Zero => best.value.max(other),
+                    Rule::Relative { bad, .. } | Rule::Absolute { bad, .. } => match bad {
+                        Bad::Higher => best.value.min(other),
+                        Bad::Lower => best.value.max(other),
+                    },
+                };
+            }
+            Some(best)
+        })
+        .collect()
 }
 
 /// Compares the figures of a run with the baseline: the run's figures in
@@ -947,6 +993,45 @@ mod tests {
         let c = compare(&b, &now);
         assert_eq!(verdict(&c, "tproxy", "bypassed"), Verdict::Regression);
         assert!(!c.passed());
+    }
+
+    #[test]
+    fn a_confirmed_regression_needs_every_run_beyond_tolerance() {
+        let b = baseline();
+        let noisy = run(1.53 * 1.3, 0.55, 0.0);
+        let c = compare(&b, &noisy);
+        assert!(c.worth_confirming(), "{}", table(&c));
+        // The second run is fine: the first was noise.
+        let c = compare(&b, &best_of(&[noisy.clone(), run(1.53, 0.55, 0.0)]));
+        assert!(c.passed(), "{}", table(&c));
+        // Both beyond tolerance: a regression.
+        let slow = run(1.53 * 1.25, 0.55 / 1.5, 0.0);
+        let c = compare(&b, &best_of(&[noisy.clone(), slow]));
+        assert_eq!(
+            verdict(&c, "tproxy", "rr p50 / direct"),
+            Verdict::Regression
+        );
+        assert_eq!(verdict(&c, "tproxy", "crr rate / direct"), Verdict::Ok);
+        // An exact figure fails if any run broke it, and is not retried.
+        let mut leaky = run(1.53, 0.55, 0.0);
+        leaky[5].value = 4.0; // tproxy conntrack peak
+        let c = compare(&b, &leaky);
+        assert!(!c.passed() && !c.worth_confirming(), "{}", table(&c));
+        let c = compare(&b, &best_of(&[run(1.53, 0.55, 0.0), leaky]));
+        assert_eq!(verdict(&c, "tproxy", "conntrack peak"), Verdict::Regression);
+        // A figure one run lacks is missing, whatever the other run had.
+        let mut short = run(1.53, 0.55, 0.0);
+        short.retain(|x| x.figure != "rss KiB/conn");
+        let c = compare(&b, &best_of(&[run(1.53, 0.55, 0.0), short]));
+        assert_eq!(verdict(&c, "tproxy", "rss KiB/conn"), Verdict::Missing);
+        let c = compare(&b, &slow_and_missing());
+        assert!(!c.worth_confirming());
+    }
+
+    fn slow_and_missing() -> Vec<Measured> {
+        let mut now = run(1.53 * 1.3, 0.55, 0.0);
+        now.retain(|x| x.figure != "crr rate / direct");
+        now
     }
 
     #[test]
