@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
 BENCH_PACKAGES := haproxy
 
-.PHONY: all deps bench-deps build test lint bench clean check-leftovers
+.PHONY: all deps bench-deps build test lint bench bench-check bench-baseline clean check-leftovers
 
 all: build
 
@@ -48,6 +48,22 @@ check-leftovers:
 bench: bench-deps
 	$(CARGO) build --release --workspace
 	./target/release/sluice-bench --sluice ./target/release/sluice --out results
+	@$(MAKE) --no-print-directory check-leftovers
+
+# The regression check: a few minutes of the check profile, compared with
+# the committed results/baseline.json; fails on a regression beyond the
+# baseline's noise, on any conntrack entry of tproxy/ebpf, error or bypass.
+bench-check: bench-deps
+	$(CARGO) build --release --workspace
+	./target/release/sluice-bench check --sluice ./target/release/sluice --baseline results/baseline.json
+	@$(MAKE) --no-print-directory check-leftovers
+
+# Rewrites results/baseline.json from BASELINE_RUNS runs of the check profile
+# (see README: when to do it).
+BASELINE_RUNS ?= 5
+bench-baseline: bench-deps
+	$(CARGO) build --release --workspace
+	./target/release/sluice-bench baseline --sluice ./target/release/sluice --runs $(BASELINE_RUNS) --out results/baseline.json
 	@$(MAKE) --no-print-directory check-leftovers
 
 clean:
