@@ -645,7 +645,8 @@ fn number(v: f64) -> String {
 }
 
 /// The table for the CI log: figure, baseline (median and the range of the
-/// baseline runs), now, change, tolerance, verdict.
+/// baseline runs), now, change, the worst value that passes (and the
+/// tolerance that gives it), verdict.
 pub fn table(c: &Comparison) -> String {
     let header = [
         "scenario",
@@ -653,7 +654,7 @@ pub fn table(c: &Comparison) -> String {
         "baseline [min–max]",
         "now",
         "change",
-        "tolerance",
+        "limit (tolerance)",
         "verdict",
     ];
     let mut lines: Vec<[String; 7]> = Vec::new();
@@ -680,14 +681,9 @@ pub fn table(c: &Comparison) -> String {
             }
             _ => "—".into(),
         };
-        let tolerance = match (&r.baseline, r.rule) {
-            (_, Rule::Zero) => "exact".into(),
-            (Some(b), Rule::Relative { bad, .. }) => {
-                format!("{}{:.0}%", arrow(bad), b.tolerance * 100.0)
-            }
-            (Some(b), Rule::Absolute { bad, .. }) => {
-                format!("{}{}", arrow(bad), number(b.tolerance))
-            }
+        let limit = match (&r.baseline, r.rule) {
+            (_, Rule::Zero) => "= 0".into(),
+            (Some(b), rule) => limit(b, rule),
             (None, _) => "—".into(),
         };
         lines.push([
@@ -696,7 +692,7 @@ pub fn table(c: &Comparison) -> String {
             baseline,
             now,
             change,
-            tolerance,
+            limit,
             r.verdict.to_string(),
         ]);
     }
@@ -727,12 +723,40 @@ pub fn table(c: &Comparison) -> String {
     out
 }
 
-/// Which way is bad, for the tolerance column: "+15%" may not rise beyond,
-/// "−15%" may not fall beyond.
-fn arrow(bad: Bad) -> &'static str {
-    match bad {
-        Bad::Higher => "+",
-        Bad::Lower => "−",
+/// The worst value that still passes, and the tolerance as a change: "≤ 2.48
+/// (+34%)", "≥ 0.38 (−61%)" (a relative tolerance t allows a fall to
+/// median / (1 + t)), "≤ 10.5 (+1.00)".
+fn limit(b: &BaselineFigure, rule: Rule) -> String {
+    match rule {
+        Rule::Zero => "= 0".into(),
+        Rule::Relative {
+            bad: Bad::Higher, ..
+        } => format!(
+            "≤ {} (+{:.0}%)",
+            number(b.median * (1.0 + b.tolerance)),
+            b.tolerance * 100.0
+        ),
+        Rule::Relative {
+            bad: Bad::Lower, ..
+        } => format!(
+            "≥ {} (−{:.0}%)",
+            number(b.median / (1.0 + b.tolerance)),
+            (1.0 - 1.0 / (1.0 + b.tolerance)) * 100.0
+        ),
+        Rule::Absolute {
+            bad: Bad::Higher, ..
+        } => format!(
+            "≤ {} (+{})",
+            number(b.median + b.tolerance),
+            number(b.tolerance)
+        ),
+        Rule::Absolute {
+            bad: Bad::Lower, ..
+        } => format!(
+            "≥ {} (−{})",
+            number(b.median - b.tolerance),
+            number(b.tolerance)
+        ),
     }
 }
 
