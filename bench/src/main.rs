@@ -183,7 +183,7 @@ fn check(args: CheckArgs) -> Result<bool> {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "no baseline at {}: make one on this kind of machine with `make bench-baseline` \
-             (about five check runs) and commit it",
+             (five check runs) and commit it",
             args.baseline.display()
         ),
         Err(e) => {
