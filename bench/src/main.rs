@@ -1,11 +1,18 @@
-//! `sluice-bench`: the comparison behind `make bench`.
+//! `sluice-bench`: the comparison behind `make bench`, and the regression
+//! check behind `make bench-check`.
 //!
-//! Runs every scenario (direct, sluice's interception modes, HAProxy) one
-//! after the other on the same topology and loads, then writes
-//! `OUT/<date>-<host>/results.json`, SVG plots next to it, and `OUT/README.md`
-//! with the tables. Exits non-zero when a scenario or load failed or a
-//! connection bypassed an interceptor — after writing everything.
+//! Without a subcommand, runs every scenario (direct, sluice's interception
+//! modes, HAProxy) one after the other on the same topology and loads, then
+//! writes `OUT/<date>-<host>/results.json`, SVG plots next to it, and
+//! `OUT/README.md` with the tables. Exits non-zero when a scenario or load
+//! failed or a connection bypassed an interceptor — after writing
+//! everything.
+//!
+//! `check` runs the baseline's profile and compares with the baseline;
+//! `baseline` makes one from several runs (see `check.rs`). Their runs go
+//! under `--work` (in target/), never over the committed results.
 
+mod check;
 mod load;
 mod machine;
 mod plot;
@@ -17,48 +24,60 @@ mod scenario;
 mod sysload;
 mod workload;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
+use crate::check::Baseline;
 use crate::machine::Machine;
 use crate::profile::{LoadKind, Profile, ProfileName};
-use crate::scenario::{Patience, Scenario, Tools};
+use crate::scenario::{Interceptor, Patience, Scenario, Tools};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sluice-bench",
-    about = "Compare direct, sluice's modes and HAProxy"
+    about = "Compare direct, sluice's modes and HAProxy",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the baseline's profile and compare with the baseline; exits
+    /// non-zero on a regression, a missing figure, an error or a bypass.
+    Check(CheckArgs),
+    /// Write a baseline from several runs of the check profile.
+    Baseline(BaselineArgs),
+}
+
+/// What every run needs: the binaries and the scenarios.
+#[derive(Debug, Args)]
+struct Setup {
     /// The sluice binary to benchmark.
     #[arg(long, default_value = "target/release/sluice")]
     sluice: PathBuf,
-    /// Where README.md and the run's directory go.
-    #[arg(long, default_value = "results")]
-    out: PathBuf,
-    /// How long and how big: smoke (seconds), quick (~4 min), default (~20 min).
-    #[arg(long, env = "BENCH_PROFILE", value_enum, default_value = "default")]
-    profile: ProfileName,
-    /// Scenarios to run, comma-separated [default: all]: direct, redirect,
-    /// tproxy, tproxy-splice, tproxy-sockmap, ebpf, ebpf-splice, ebpf-sockmap,
-    /// haproxy, and the policy-size variants (CRR only) tproxy-excl1,
-    /// tproxy-excl100, tproxy-excl1000, ebpf-excl1, ebpf-excl100,
-    /// ebpf-excl1000. `direct` always runs (it is what the ratios compare with).
+    /// Scenarios to run, comma-separated [default: all; for check and
+    /// baseline, all but haproxy and the policy-size variants]: direct,
+    /// redirect, tproxy, tproxy-splice, tproxy-sockmap, ebpf, ebpf-splice,
+    /// ebpf-sockmap, haproxy, and the policy-size variants (CRR only)
+    /// tproxy-excl1, tproxy-excl100, tproxy-excl1000, ebpf-excl1,
+    /// ebpf-excl100, ebpf-excl1000. `direct` always runs (it is what the
+    /// ratios compare with).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Extra sluice scenario, NAME=ARGS for `sluice run ARGS` (repeatable),
     /// e.g. --scenario 'redirect-splice=--mode redirect --forward splice'.
     #[arg(long = "scenario")]
     custom: Vec<String>,
-    /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr,
-    /// exhaustion.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    loads: Vec<LoadKind>,
     /// The HAProxy binary [default: haproxy from PATH or /usr/sbin]; when
     /// there is none, the haproxy scenario is reported as skipped.
     #[arg(long)]
@@ -68,9 +87,66 @@ struct Cli {
     workers: Option<usize>,
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    setup: Setup,
+    /// Where README.md and the run's directory go.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// How long and how big: smoke (seconds), quick (~4 min), default (~20
+    /// min), check (what `make bench-check` runs).
+    #[arg(long, env = "BENCH_PROFILE", value_enum, default_value = "default")]
+    profile: ProfileName,
+    /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr,
+    /// exhaustion.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    loads: Vec<LoadKind>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    setup: Setup,
+    /// The committed baseline (`make bench-baseline` writes it).
+    #[arg(long, default_value = "results/baseline.json")]
+    baseline: PathBuf,
+    /// Where the run's results.json and README.md go.
+    #[arg(long, default_value = "target/bench-check")]
+    work: PathBuf,
+    /// Runs more to confirm a regression of figures with a tolerance: a
+    /// figure fails only if every run is beyond it.
+    #[arg(long, default_value_t = 1)]
+    confirm: usize,
+}
+
+#[derive(Debug, Args)]
+struct BaselineArgs {
+    #[command(flatten)]
+    setup: Setup,
+    /// How many runs: the spread between them sets the tolerances.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// The baseline to write.
+    #[arg(long, default_value = "results/baseline.json")]
+    out: PathBuf,
+    /// The profile of the runs, which `check` then runs too (smoke is for
+    /// trying the pipeline, not for a committed baseline).
+    #[arg(long, value_enum, default_value = "check")]
+    profile: ProfileName,
+    /// Where each run's results.json and README.md go.
+    #[arg(long, default_value = "target/bench-baseline")]
+    work: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match bench(cli) {
+    let outcome = match cli.command {
+        None => bench(cli.bench),
+        Some(Command::Check(args)) => check(args),
+        Some(Command::Baseline(args)) => baseline(args),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -80,17 +156,220 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ok(false): the run completed, but something in it failed.
-fn bench(cli: Cli) -> Result<bool> {
-    let mut profile = Profile::new(cli.profile);
-    if !cli.loads.is_empty() {
-        profile.loads.retain(|l| cli.loads.contains(l));
+/// `make bench`. Ok(false): the run completed, but something in it failed.
+fn bench(args: BenchArgs) -> Result<bool> {
+    let mut profile = Profile::new(args.profile);
+    if !args.loads.is_empty() {
+        profile.loads.retain(|l| args.loads.contains(l));
     }
-    let scenarios = select(&cli.scenarios, &cli.custom)?;
-    if !cli.sluice.is_file() {
+    let scenarios = select(&args.setup.scenarios, &args.setup.custom)?;
+    let run = measure(&args.setup, profile, scenarios)?;
+    let run_dir = args
+        .out
+        .join(format!("{}-{}", run.machine.day(), run.machine.hostname));
+    report::write(&run, &args.out, &run_dir)?;
+    eprintln!(
+        "sluice-bench: {:.0} s; wrote {} and {}",
+        run.elapsed_s,
+        args.out.join("README.md").display(),
+        run_dir.display()
+    );
+    let problems = run.problems();
+    for p in &problems {
+        eprintln!("sluice-bench: PROBLEM: {p}");
+    }
+    Ok(problems.is_empty())
+}
+
+/// `make bench-check`: Ok(false) on a regression or a missing figure.
+fn check(args: CheckArgs) -> Result<bool> {
+    let text = match std::fs::read_to_string(&args.baseline) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no baseline at {}: make one on this kind of machine with `make bench-baseline` \
+             (five check runs) and commit it",
+            args.baseline.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading {}", args.baseline.display()));
+        }
+    };
+    let baseline: Baseline = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a baseline this sluice-bench reads; rewrite it with `make bench-baseline`",
+            args.baseline.display()
+        )
+    })?;
+    let here = Machine::describe(None);
+    let b = &baseline.machine;
+    eprintln!(
+        "sluice-bench: baseline of {} runs, profile {}, commit {} on {} ({}, {} cores, {})",
+        baseline.runs, baseline.profile, b.commit, b.hostname, b.cpu_model, b.cores, b.date
+    );
+    if (b.cpu_model.as_str(), b.cores) != (here.cpu_model.as_str(), here.cores) {
+        eprintln!(
+            "sluice-bench: NOTE: this machine ({}, {} cores) is not the baseline's; the ratios \
+             travel, but the tolerances were set by the baseline machine's noise",
+            here.cpu_model, here.cores
+        );
+    }
+    let scenarios = select(&check_scenarios(&args.setup), &args.setup.custom)?;
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    let mut dirs = Vec::new();
+    let comparison = loop {
+        let run = measure(
+            &args.setup,
+            Profile::new(baseline.profile),
+            scenarios.clone(),
+        )?;
+        let dir = args.work.join(format!("run-{}", runs.len() + 1));
+        report::write(&run, &args.work, &dir)?;
+        for p in run.problems() {
+            eprintln!("sluice-bench: PROBLEM: {p}");
+        }
+        if let Some(note) = disturbance(&run) {
+            eprintln!("sluice-bench: NOTE: {note}");
+        }
+        runs.push(check::figures(&run));
+        dirs.push(dir.display().to_string());
+        let comparison = check::compare(&baseline, &check::best_of(&runs));
+        if !comparison.worth_confirming() || runs.len() > args.confirm {
+            break comparison;
+        }
+        print!("{}", check::table(&comparison));
+        println!(
+            "bench-check: {} figures beyond tolerance in run {}; running again to tell a \
+             regression from noise (each figure is then judged by its best run)",
+            comparison.failures(),
+            runs.len()
+        );
+    };
+    print!("{}", check::table(&comparison));
+    let what = format!(
+        "{} figures, {} run{} in {:.0} s: {}",
+        comparison.rows.len(),
+        runs.len(),
+        if runs.len() == 1 {
+            ""
+        } else {
+            "s, each figure at its best"
+        },
+        start.elapsed().as_secs_f64(),
+        dirs.join(", ")
+    );
+    if comparison.passed() {
+        println!("bench-check: PASS ({what})");
+    } else {
+        println!(
+            "bench-check: FAIL: {} regressed or missing ({what}). If the change is intended, \
+             rewrite the baseline with `make bench-baseline` and commit it with the change.",
+            comparison.failures()
+        );
+    }
+    Ok(comparison.passed())
+}
+
+/// How much of the run other processes disturbed, when any did: a
+/// regression seen then may be theirs.
+fn disturbance(run: &report::Run) -> Option<String> {
+    let mut all = 0;
+    let mut disturbed = 0;
+    let mut worst = 0.0f64;
+    for s in &run.scenarios {
+        let l = &s.loads;
+        let rounds =
+            l.rr.iter()
+                .flat_map(|x| &x.rounds)
+                .chain(l.bulk.iter().flat_map(|x| &x.rounds))
+                .chain(l.crr.iter().flat_map(|x| &x.rounds));
+        for r in rounds {
+            all += 1;
+            if r.interference.disturbed() {
+                disturbed += 1;
+                worst = worst.max(r.interference.other_cpu.max(r.interference.steal));
+            }
+        }
+    }
+    (disturbed > 0).then(|| {
+        format!(
+            "{disturbed} of {all} timed load rounds ran while other processes or guests used \
+             the machine (up to {:.0}% of it); their figures are less trustworthy",
+            worst * 100.0
+        )
+    })
+}
+
+/// `make bench-baseline`: several check runs into one baseline.
+fn baseline(args: BaselineArgs) -> Result<bool> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1 (5 or more for a baseline worth committing)");
+    }
+    let scenarios = select(&check_scenarios(&args.setup), &args.setup.custom)?;
+    let mut runs = Vec::new();
+    let mut machine = None;
+    let start = Instant::now();
+    for i in 1..=args.runs {
+        eprintln!("sluice-bench: baseline run {i} of {}", args.runs);
+        let run = measure(&args.setup, Profile::new(args.profile), scenarios.clone())?;
+        let dir = args.work.join(format!("run-{i}"));
+        report::write(&run, &args.work, &dir)?;
+        let problems = run.problems();
+        if !problems.is_empty() {
+            bail!(
+                "baseline run {i} had problems (see {}); a baseline needs a healthy run:\n  {}",
+                dir.display(),
+                problems.join("\n  ")
+            );
+        }
+        eprintln!("sluice-bench: run {i}: {:.0} s", run.elapsed_s);
+        runs.push(check::figures(&run));
+        machine.get_or_insert(run.machine);
+    }
+    let machine = machine.context("no run")?;
+    let baseline = Baseline::from_runs(&runs, machine, args.profile)?;
+    let json = serde_json::to_string_pretty(&baseline).context("serialising the baseline")?;
+    write_file(&args.out, &(json + "\n"))?;
+    eprint!("{}", check::summary(&baseline));
+    eprintln!(
+        "sluice-bench: wrote {} from {} runs in {:.0} s",
+        args.out.display(),
+        args.runs,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(true)
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The scenarios of check and baseline: those given, or `make bench`'s
+/// default set without HAProxy and the policy-size variants. HAProxy
+/// measures HAProxy, not sluice: a Debian update of it would fail sluice's
+/// CI with no change here, and the TPROXY rules it runs behind are already
+/// checked by the tproxy scenarios. The policy-size variants would add six
+/// scenarios to every CI run for one figure that `make bench` reports.
+fn check_scenarios(setup: &Setup) -> Vec<String> {
+    if !setup.scenarios.is_empty() {
+        return setup.scenarios.clone();
+    }
+    Scenario::builtin()
+        .into_iter()
+        .filter(|s| s.interceptor != Interceptor::Haproxy && s.excluded_ports.is_none())
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Runs `scenarios` through the loads of `profile` and returns the run.
+fn measure(setup: &Setup, mut profile: Profile, scenarios: Vec<Scenario>) -> Result<report::Run> {
+    if !setup.sluice.is_file() {
         bail!(
             "no sluice binary at {} (build it: cargo build --release -p sluice)",
-            cli.sluice.display()
+            setup.sluice.display()
         );
     }
     let mut notes = Vec::new();
@@ -109,16 +388,16 @@ fn bench(cli: Cli) -> Result<bool> {
         notes.push(note);
         profile.hold.connections = fits;
     }
-    let haproxy = match cli.haproxy {
-        Some(path) => path.is_file().then_some(path),
+    let haproxy = match &setup.haproxy {
+        Some(path) => path.is_file().then(|| path.clone()),
         None => scenario::find_program("haproxy"),
     };
     let machine = Machine::describe(haproxy.as_deref());
     let tools = Tools {
-        sluice: std::fs::canonicalize(&cli.sluice)
-            .with_context(|| format!("resolving {}", cli.sluice.display()))?,
+        sluice: std::fs::canonicalize(&setup.sluice)
+            .with_context(|| format!("resolving {}", setup.sluice.display()))?,
         haproxy,
-        workers: cli.workers.unwrap_or(machine.cores).max(1),
+        workers: setup.workers.unwrap_or(machine.cores).max(1),
         max_connections: profile.max_connections() + 100,
         scratch: std::env::temp_dir(),
         patience: Patience::new(profile.wait_budget),
@@ -138,7 +417,7 @@ fn bench(cli: Cli) -> Result<bool> {
     let start = Instant::now();
     let conntrack_max = conntrack_max();
     let results = run::all(&scenarios, &tools, &profile);
-    let run = report::Run {
+    Ok(report::Run {
         machine,
         profile,
         conntrack_max,
@@ -147,22 +426,7 @@ fn bench(cli: Cli) -> Result<bool> {
         wait_budget_left_s: tools.patience.left().as_secs_f64(),
         elapsed_s: start.elapsed().as_secs_f64(),
         scenarios: results,
-    };
-    let run_dir = cli
-        .out
-        .join(format!("{}-{}", run.machine.day(), run.machine.hostname));
-    report::write(&run, &cli.out, &run_dir)?;
-    eprintln!(
-        "sluice-bench: {:.0} s; wrote {} and {}",
-        run.elapsed_s,
-        cli.out.join("README.md").display(),
-        run_dir.display()
-    );
-    let problems = run.problems();
-    for p in &problems {
-        eprintln!("sluice-bench: PROBLEM: {p}");
-    }
-    Ok(problems.is_empty())
+    })
 }
 
 /// The scenarios to run, `direct` first.

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{bulk, crr, exhaust, hold, rr};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProfileName {
     /// Seconds in total: proves the pipeline works (the smoke test).
@@ -16,6 +16,9 @@ pub enum ProfileName {
     Quick,
     /// About twenty minutes on two cores: the committed results.
     Default,
+    /// `make bench-check`: a few minutes on two cores, several short rounds
+    /// so that one disturbed moment weighs little.
+    Check,
 }
 
 impl std::fmt::Display for ProfileName {
@@ -154,6 +157,49 @@ impl Profile {
                 quiet_wait: s(60),
                 attempts: 3,
                 wait_budget: s(360),
+            },
+            ProfileName::Check => Profile {
+                name,
+                // Exhaustion fills and empties a 262,144-entry table per
+                // scenario; the concurrency load already holds tproxy and
+                // ebpf to exactly 0 conntrack entries.
+                loads: vec![
+                    LoadKind::Concurrency,
+                    LoadKind::Rr,
+                    LoadKind::Bulk,
+                    LoadKind::Crr,
+                ],
+                rr: rr::Params {
+                    connections: 16,
+                    rate: 4000.0,
+                    duration: s(2),
+                    warmup: 50,
+                },
+                crr: crr::Params {
+                    clients: 8,
+                    duration: ms(1500),
+                },
+                bulk: bulk_params(s(1)),
+                // Conntrack and memory per connection need no more: the
+                // conntrack count is exact, and 1,000 connections put a
+                // 1 KiB-per-connection regression at 1 MiB of RSS.
+                hold: hold::Params {
+                    connections: 1000,
+                    steps: 4,
+                    hold: ms(500),
+                    parallel: 128,
+                },
+                exhaustion: exhaust::Params {
+                    free: 64,
+                    connections: 256,
+                    parallel: 256,
+                },
+                rounds: 3,
+                // CI must end: a short wait for quiet, one repeat, and a
+                // budget that caps both.
+                quiet_wait: s(10),
+                attempts: 2,
+                wait_budget: s(60),
             },
         }
     }
