@@ -6,11 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
 BENCH_PACKAGES := haproxy
 
-<<<<<<< HEAD
-.PHONY: all deps bench-deps build test lint bench bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
-=======
-.PHONY: all deps bench-deps build test lint bench bench-check bench-baseline clean check-leftovers
->>>>>>> h-check
+.PHONY: all deps bench-deps build test lint bench bench-check bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
 
 all: build
 
@@ -54,7 +50,6 @@ bench: bench-deps
 	./target/release/sluice-bench --sluice ./target/release/sluice --out results
 	@$(MAKE) --no-print-directory check-leftovers
 
-<<<<<<< HEAD
 # Criterion micro-benchmarks of the forwarders on 127.0.0.1 (no namespace);
 # a baseline is saved under the target directory's criterion/ and compared
 # with later (criterion reports each change; it does not fail on one).
@@ -70,7 +65,7 @@ bench-micro-check: deps
 	@ls -d $${CRITERION_HOME:-$${CARGO_TARGET_DIR:-target}/criterion}/*/*/main >/dev/null 2>&1 || \
 	  { echo "no saved micro-benchmark baseline 'main': run 'make bench-micro-baseline' first"; exit 1; }
 	$(MICRO_BENCH) -- --baseline main
-=======
+
 # The regression check: a few minutes of the check profile, compared with
 # the committed results/baseline.json; fails on a regression beyond the
 # baseline's noise, on any conntrack entry of tproxy/ebpf, error or bypass.
@@ -86,7 +81,6 @@ bench-baseline: bench-deps
 	$(CARGO) build --release --workspace
 	./target/release/sluice-bench baseline --sluice ./target/release/sluice --runs $(BASELINE_RUNS) --out results/baseline.json
 	@$(MAKE) --no-print-directory check-leftovers
->>>>>>> h-check
 
 clean:
 	$(CARGO) clean
