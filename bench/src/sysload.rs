@@ -211,18 +211,18 @@ pub fn machine_busy_seconds() -> Option<f64> {
 }
 
 fn busy_ticks(stat: &str) -> Option<u64> {
+    let v = cpu_fields(stat)?;
+    Some([0, 1, 2, 5, 6].iter().filter_map(|&i| v.get(i)).sum())
+}
+
+/// The tick counts of /proc/stat's aggregate `cpu` line: user nice system
+/// idle iowait irq softirq steal [guest guest_nice].
+fn cpu_fields(stat: &str) -> Option<Vec<u64>> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
+    line.split_whitespace()
         .skip(1)
         .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    Some(
-        [0, 1, 2, 5, 6]
-            .iter()
-            .map(|&i| v.get(i).copied().unwrap_or(0))
-            .sum(),
-    )
+        .collect()
 }
 
 /// `(steal, total)` ticks from /proc/stat's aggregate `cpu` line.
@@ -231,12 +231,7 @@ fn read_cpu_line() -> Option<(u64, u64)> {
 }
 
 fn parse_cpu_line(stat: &str) -> Option<(u64, u64)> {
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
+    let v = cpu_fields(stat)?;
     // user nice system idle iowait irq softirq steal [guest guest_nice]; the
     // guest times are already inside user and nice.
     let steal = *v.get(7)?;
