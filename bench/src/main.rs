@@ -31,6 +31,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::check::Baseline;
 use crate::machine::Machine;
@@ -141,6 +142,10 @@ struct BaselineArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = clean_up_on_signal() {
+        eprintln!("sluice-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let outcome = match cli.command {
         None => bench(cli.bench),
         Some(Command::Check(args)) => check(args),
@@ -154,6 +159,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP (Ctrl-C, CI's timeout, a closed terminal),
+/// removes this run's namespaces and exits: the guards on the main thread
+/// would never run, and the namespaces would stay until the next run's
+/// stale sweep. The interceptors and workloads inside die with this process
+/// (`PR_SET_PDEATHSIG`), and their rules and BPF links with their namespace.
+///
+/// The signals are blocked before any other thread exists, so every thread
+/// inherits the mask and only the dedicated one takes them; spawned programs
+/// start with an empty mask (std resets it), so sluice still gets its SIGTERM.
+fn clean_up_on_signal() -> Result<()> {
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals
+        .thread_block()
+        .context("blocking SIGINT, SIGTERM and SIGHUP for the signal thread")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(signal) = signals.wait() else {
+                return;
+            };
+            eprintln!("sluice-bench: {signal}: removing this run's namespaces and stopping");
+            let removed = netlab::remove_own_namespaces();
+            eprintln!("sluice-bench: removed {removed} namespaces");
+            std::process::exit(128 + signal as i32);
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
 
 /// `make bench`. Ok(false): the run completed, but something in it failed.

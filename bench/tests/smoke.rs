@@ -258,3 +258,103 @@ fn smoke_profile_end_to_end() {
     }
     std::fs::remove_dir_all(&out).expect("remove the smoke output");
 }
+
+/// The processes whose parent is `pid`, from every thread's children list.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// SIGTERM in the middle of a run (what CI's timeout sends) leaves no
+/// namespace and no interceptor behind, and says so in the exit status.
+#[test]
+fn sigterm_mid_run_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let sluice = sluice_binary();
+    let out = std::env::temp_dir().join(format!("sl-bench-sigterm-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .arg("--sluice")
+        .arg(&sluice)
+        .arg("--out")
+        .arg(&out)
+        .args(["--profile", "smoke", "--scenarios", "tproxy,ebpf"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice-bench");
+    let pid = child.id();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Both interceptors up: namespaces, rules and an sk_lookup link exist.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen
+        .iter()
+        .filter(|l: &&String| l.contains("started:"))
+        .count()
+        < 2
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the interceptors never started:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    assert!(
+        !leftover_namespaces(pid).is_empty(),
+        "no namespace to clean up"
+    );
+    let interceptors = children_of(pid);
+    assert!(!interceptors.is_empty(), "sluice-bench has no children");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("send SIGTERM");
+    let status = child.wait().expect("wait for sluice-bench");
+    seen.extend(log.try_iter());
+    let seen = seen.join("\n");
+    assert_eq!(status.code(), Some(128 + 15), "{seen}");
+    assert_eq!(leftover_namespaces(pid), Vec::<String>::new(), "{seen}");
+    // SIGKILL from PR_SET_PDEATHSIG is asynchronous: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // A zombie is dead too: nobody may be left to reap orphans here.
+    let alive = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+            stat.rsplit(") ")
+                .next()
+                .is_some_and(|s| !s.starts_with('Z'))
+        })
+    };
+    while interceptors.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = interceptors.into_iter().filter(alive).collect();
+    assert_eq!(left, Vec::<u32>::new(), "children still running\n{seen}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -17,7 +17,7 @@ use std::io;
 use std::net::IpAddr;
 
 pub use link::{veth, Netem};
-pub use netns::Netns;
+pub use netns::{remove_own_namespaces, Netns};
 pub use proc::Proc;
 pub use topology::{ClientPod, End, Host, Lab, Link, Spec};
 

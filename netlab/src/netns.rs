@@ -262,15 +262,32 @@ impl Drop for Netns {
 /// SIGKILL or a timeout never runs its destructors. Namespaces of live
 /// processes (parallel test binaries) are left alone.
 fn sweep_stale() {
+    remove_where("stale ", |pid| !Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Removes every namespace this process made with [`Netns::new`], for a
+/// process about to exit without running its guards (on SIGTERM, from a
+/// signal-handling thread). The processes inside die with this one
+/// (`PR_SET_PDEATHSIG`), and with the last of them the namespace itself,
+/// its links, rules and BPF links. Returns how many were removed.
+pub fn remove_own_namespaces() -> usize {
+    let me = process::id();
+    remove_where("", |pid| pid == me)
+}
+
+/// Unmounts and removes the `sl-<purpose>-<pid>-<n>` namespaces whose pid
+/// `doomed` picks; `what` qualifies them in messages.
+fn remove_where(what: &str, doomed: impl Fn(u32) -> bool) -> usize {
     let Ok(entries) = fs::read_dir(NETNS_DIR) else {
-        return;
+        return 0;
     };
+    let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(owner_pid) else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if !doomed(pid) {
             continue;
         }
         let path = entry.path();
@@ -278,15 +295,19 @@ fn sweep_stale() {
         match umount2(&path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(Errno::EINVAL) => {}
             Err(e) => {
-                eprintln!("netlab: unmounting stale {}: {e}", path.display());
+                eprintln!("netlab: unmounting {what}{}: {e}", path.display());
                 continue;
             }
         }
         match fs::remove_file(&path) {
-            Ok(()) => eprintln!("netlab: removed stale namespace {}", path.display()),
-            Err(e) => eprintln!("netlab: removing stale {}: {e}", path.display()),
+            Ok(()) => {
+                removed += 1;
+                eprintln!("netlab: removed {what}namespace {}", path.display());
+            }
+            Err(e) => eprintln!("netlab: removing {what}{}: {e}", path.display()),
         }
     }
+    removed
 }
 
 /// The pid in `sl-<purpose>-<pid>-<n>`; the purpose may itself contain dashes.
