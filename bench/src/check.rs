@@ -10,7 +10,7 @@
 //!
 //! | figure | bad when | compared |
 //! | --- | --- | --- |
-//! | `rr p50 / direct`, `rr p99 / direct` | higher | relative |
+//! | `rr p50 / direct`, `rr p90 / direct`, `rr p99 / direct` | higher | relative |
 //! | `crr rate / direct` | lower | relative |
 //! | `bulk xN rate / direct` (Gbit/s) | lower | relative |
 //! | `bulk xN cpu s per direct s` | higher | relative |
@@ -27,10 +27,13 @@
 //! meaning whenever a faster scenario is added, so the reference is direct's
 //! throughput, like every other ratio.
 //!
-//! RR p99.9 is not checked: in the check profile it rests on a few dozen
-//! samples per scenario, and one scheduler hiccup of the shared VM moves it
-//! several-fold; it would make the check flaky without catching anything
-//! p99 does not.
+//! RR p90 is there because p99 alone does not guard the tail on this kind
+//! of machine: at the check's 4,000 requests/s, its p99 is set by the
+//! shared VM's scheduling stalls of 1-8 ms (direct's own p99 ranged from 0.2
+//! to 2.1 ms over the baseline runs, results/baseline.json), so the p99 ratio
+//! gets a tolerance of several hundred percent and catches only a
+//! catastrophe, while p90 stays within tens of percent. RR p99.9 is not
+//! checked at all: it rests on a few dozen samples per scenario.
 //!
 //! Which scenarios must keep the pod's conntrack table empty comes from the
 //! interceptor, not from names: sluice with `--mode tproxy` (the default) or
@@ -56,8 +59,8 @@
 //! The range of a handful of runs underestimates the range of the next
 //! hundred, hence `SPREAD_FACTOR` = 2. The floors are for the noise a few
 //! baseline runs may not have met on a shared 2-core VM: 15% for medians and
-//! rates, 25% for CPU per byte (CPU time is counted in 10 ms ticks over short
-//! loads), 50% for p99: the tail is where neighbours show, and on this VM
+//! rates, 25% for p90 and for CPU per byte (CPU time is counted in 10 ms
+//! ticks over short loads), 50% for p99: the tail is where neighbours show, and on this VM
 //! direct's own p99 has been seen at 3× an interceptor's in the same run
 //! (results/2026-11-22-vm), so a ratio of two p99s swings far more than the
 //! issue's 15-25%; a tighter floor would make the check flaky. 0.05 conntrack
@@ -88,6 +91,7 @@ use crate::scenario::Interceptor;
 pub const SPREAD_FACTOR: f64 = 2.0;
 
 const RR_P50: Rule = Rule::relative(Bad::Higher, 0.15);
+const RR_P90: Rule = Rule::relative(Bad::Higher, 0.25);
 const RR_P99: Rule = Rule::relative(Bad::Higher, 0.50);
 const CRR_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
 const BULK_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
@@ -211,6 +215,7 @@ fn scenario_figures(s: &ScenarioResult, direct: Option<&ScenarioResult>) -> Vec<
     if let (Some(r), Some(dr)) = (report(l.rr.as_ref()), d.and_then(|d| report(d.rr.as_ref()))) {
         let (p, dp) = (&r.latency, &dr.latency);
         out.extend(ratio(name, "rr p50 / direct", p.p50_us, dp.p50_us, RR_P50));
+        out.extend(ratio(name, "rr p90 / direct", p.p90_us, dp.p90_us, RR_P90));
         out.extend(ratio(name, "rr p99 / direct", p.p99_us, dp.p99_us, RR_P99));
     }
     if let (Some(r), Some(dr)) = (
