@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
 const SIZE: (u32, u32) = (900, 560);
@@ -64,45 +65,17 @@ pub fn latency_percentiles(path: &Path, title: &str, series: &[Series]) -> Resul
 }
 
 /// `y` against `x` on linear axes starting at 0.
-pub fn lines(
-    path: &Path,
-    title: &str,
-    (x_desc, y_desc): (&str, &str),
-    series: &[Series],
-) -> Result<()> {
+pub fn lines(path: &Path, title: &str, desc: (&str, &str), series: &[Series]) -> Result<()> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let max_x = all.clone().map(|p| p.0).fold(1.0f64, f64::max);
     let max_y = all.map(|p| p.1).fold(1.0f64, f64::max);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_error)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..max_x * 1.02, 0.0..max_y * 1.1)
-        .map_err(plot_error)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(plot_error)?;
-    draw_series(&mut chart, series)?;
-    root.present().map_err(plot_error)?;
-    Ok(())
+    let axes = (0.0..max_x * 1.02, 0.0..max_y * 1.1);
+    labelled_lines(path, title, desc, axes, series, false)
 }
 
 /// `y` against `x` with `x` on a log scale (sizes spanning decades: 1, 100,
 /// 1,000) and `y` linear from 0, each point marked.
-pub fn lines_log_x(
-    path: &Path,
-    title: &str,
-    (x_desc, y_desc): (&str, &str),
-    series: &[Series],
-) -> Result<()> {
+pub fn lines_log_x(path: &Path, title: &str, desc: (&str, &str), series: &[Series]) -> Result<()> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let min_x = all.clone().map(|p| p.0).fold(f64::INFINITY, f64::min);
     let max_x = all.clone().map(|p| p.0).fold(0.0f64, f64::max);
@@ -110,6 +83,26 @@ pub fn lines_log_x(
     if !min_x.is_finite() || min_x <= 0.0 {
         return Err(anyhow!("no positive x values to plot on a log scale"));
     }
+    let axes = ((min_x * 0.7..max_x * 1.4).log_scale(), 0.0..max_y * 1.15);
+    labelled_lines(path, title, desc, axes, series, true)
+}
+
+/// The chart behind [`lines`] and [`lines_log_x`]: whole-number labels on
+/// both axes, a line per series, and a dot on each point when `marks`.
+fn labelled_lines<X, Y>(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    (x, y): (X, Y),
+    series: &[Series],
+    marks: bool,
+) -> Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    Y: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
@@ -117,7 +110,7 @@ pub fn lines_log_x(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((min_x * 0.7..max_x * 1.4).log_scale(), 0.0..max_y * 1.15)
+        .build_cartesian_2d(x, y)
         .map_err(plot_error)?;
     chart
         .configure_mesh()
@@ -128,7 +121,7 @@ pub fn lines_log_x(
         .draw()
         .map_err(plot_error)?;
     draw_series(&mut chart, series)?;
-    for (index, s) in series.iter().enumerate() {
+    for (index, s) in series.iter().enumerate().filter(|_| marks) {
         let style = ShapeStyle::from(&color(index)).filled();
         chart
             .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, style)))
