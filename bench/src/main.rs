@@ -115,9 +115,9 @@ struct CheckArgs {
     /// Where the run's results.json and README.md go.
     #[arg(long, default_value = "target/bench-check")]
     work: PathBuf,
-    /// Runs more to confirm a regression of figures with a tolerance: a
-    /// figure fails only if every run is beyond it.
-    #[arg(long, default_value_t = 1)]
+    /// Runs more, at most, to confirm a regression of figures with a
+    /// tolerance: a figure fails only if every run is beyond it.
+    #[arg(long, default_value_t = 2)]
     confirm: usize,
 }
 
