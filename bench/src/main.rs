@@ -185,8 +185,7 @@ fn clean_up_on_signal() -> Result<()> {
                 return;
             };
             eprintln!("sluice-bench: {signal}: removing this run's namespaces and stopping");
-            let removed = netlab::remove_own_namespaces();
-            eprintln!("sluice-bench: removed {removed} namespaces");
+            netlab::remove_own_namespaces();
             std::process::exit(128 + signal as i32);
         })
         .context("starting the signal thread")?;

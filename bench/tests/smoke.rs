@@ -46,6 +46,21 @@ fn sluice_binary() -> PathBuf {
         .expect("cargo reported no sluice executable")
 }
 
+/// `sluice-bench` with the smoke profile, writing under `out`; stderr piped
+/// (the progress log), stdin closed.
+fn smoke_run(sluice: &Path, out: &Path, scenarios: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-bench"));
+    command
+        .arg("--sluice")
+        .arg(sluice)
+        .arg("--out")
+        .arg(out)
+        .args(["--profile", "smoke", "--scenarios", scenarios])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
 fn leftover_namespaces(pid: u32) -> Vec<String> {
     let marker = format!("-{pid}-");
     std::fs::read_dir("/run/netns")
@@ -75,16 +90,8 @@ fn smoke_profile_end_to_end() {
     let sluice = sluice_binary();
     let out = std::env::temp_dir().join(format!("sl-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .arg("--sluice")
-        .arg(&sluice)
-        .arg("--out")
-        .arg(&out)
-        .args(["--profile", "smoke"])
-        .args(["--scenarios", &SCENARIOS.join(",")])
-        .stdin(std::process::Stdio::null())
+    let child = smoke_run(&sluice, &out, &SCENARIOS.join(","))
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start sluice-bench");
     let pid = child.id();
@@ -285,15 +292,8 @@ fn sigterm_mid_run_leaves_nothing_behind() {
 
     let sluice = sluice_binary();
     let out = std::env::temp_dir().join(format!("sl-bench-sigterm-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .arg("--sluice")
-        .arg(&sluice)
-        .arg("--out")
-        .arg(&out)
-        .args(["--profile", "smoke", "--scenarios", "tproxy,ebpf"])
-        .stdin(std::process::Stdio::null())
+    let mut child = smoke_run(&sluice, &out, "tproxy,ebpf")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start sluice-bench");
     let pid = child.id();

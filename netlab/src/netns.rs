@@ -269,19 +269,18 @@ fn sweep_stale() {
 /// process about to exit without running its guards (on SIGTERM, from a
 /// signal-handling thread). The processes inside die with this one
 /// (`PR_SET_PDEATHSIG`), and with the last of them the namespace itself,
-/// its links, rules and BPF links. Returns how many were removed.
-pub fn remove_own_namespaces() -> usize {
+/// its links, rules and BPF links. Each removal is reported on stderr.
+pub fn remove_own_namespaces() {
     let me = process::id();
-    remove_where("", |pid| pid == me)
+    remove_where("", |pid| pid == me);
 }
 
 /// Unmounts and removes the `sl-<purpose>-<pid>-<n>` namespaces whose pid
 /// `doomed` picks; `what` qualifies them in messages.
-fn remove_where(what: &str, doomed: impl Fn(u32) -> bool) -> usize {
+fn remove_where(what: &str, doomed: impl Fn(u32) -> bool) {
     let Ok(entries) = fs::read_dir(NETNS_DIR) else {
-        return 0;
+        return;
     };
-    let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(owner_pid) else {
@@ -300,14 +299,10 @@ fn remove_where(what: &str, doomed: impl Fn(u32) -> bool) -> usize {
             }
         }
         match fs::remove_file(&path) {
-            Ok(()) => {
-                removed += 1;
-                eprintln!("netlab: removed {what}namespace {}", path.display());
-            }
+            Ok(()) => eprintln!("netlab: removed {what}namespace {}", path.display()),
             Err(e) => eprintln!("netlab: removing {what}{}: {e}", path.display()),
         }
     }
-    removed
 }
 
 /// The pid in `sl-<purpose>-<pid>-<n>`; the purpose may itself contain dashes.
