@@ -21,9 +21,8 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 
-// sluice's own upstream connections come from these (Istio's convention), over
-// lo, to the workload's real address: catching them again would loop.
-#define BYPASS_V4 0x7f000006 // 127.0.0.6
+// lo's index in every network namespace.
+#define LOOPBACK_IFINDEX 1
 
 // Policy slots; the layout is mirrored in ebpf.rs (`Slot`).
 #define SLOTS 2
@@ -112,6 +111,29 @@ struct {
 	__type(value, __u64);
 } sl_listeners SEC(".maps");
 
+// Whether a connection stays inside the pod: from loopback, from the address
+// it goes to (how the pod reaches its own address), or from sluice's bypass
+// source (127.0.0.6 is loopback; ::6 is not). Those are not intercepted, as in
+// Istio's inbound capture; sluice's own upstream connections are among them,
+// and catching those again would loop. The ingress interface alone does not
+// tell: a packet to the pod's own address over lo reports that address's
+// interface.
+static __always_inline int inside_pod(const struct bpf_sk_lookup *ctx)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	if (ctx->family == AF_INET)
+		return (bpf_ntohl(ctx->remote_ip4) >> 24) == 127 ||
+		       ctx->remote_ip4 == ctx->local_ip4;
+	__u32 r0 = ctx->remote_ip6[0], r1 = ctx->remote_ip6[1];
+	__u32 r2 = ctx->remote_ip6[2], r3 = ctx->remote_ip6[3];
+	if (r0 == 0 && r1 == 0 && r2 == 0 &&
+	    (r3 == bpf_htonl(1) || r3 == bpf_htonl(6)))
+		return 1;
+	return r0 == ctx->local_ip6[0] && r1 == ctx->local_ip6[1] &&
+	       r2 == ctx->local_ip6[2] && r3 == ctx->local_ip6[3];
+}
+
 static __always_inline int port_bit(const __u64 *bitmap, __u32 port)
 {
 	port &= 0xffff; // bounds the index for the verifier
@@ -133,20 +155,17 @@ int sluice_lookup(struct bpf_sk_lookup *ctx)
 	if (!policy)
 		return SK_PASS;
 
+	if (inside_pod(ctx))
+		return SK_PASS;
+
 	__u32 family = ctx->family;
 	__u32 listener;
-	if (family == AF_INET) {
-		if (ctx->remote_ip4 == bpf_htonl(BYPASS_V4))
-			return SK_PASS;
+	if (family == AF_INET)
 		listener = LISTENER_V4;
-	} else if (family == AF_INET6) {
-		if (ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 &&
-		    ctx->remote_ip6[2] == 0 && ctx->remote_ip6[3] == bpf_htonl(6))
-			return SK_PASS;
+	else if (family == AF_INET6)
 		listener = LISTENER_V6;
-	} else {
+	else
 		return SK_PASS;
-	}
 
 	__u32 port = ctx->local_port;
 	if (port_bit(policy->exclude, port))

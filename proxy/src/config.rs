@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
@@ -75,6 +76,39 @@ pub struct RunArgs {
     /// Data-path threads, each with its own io_uring runtime [default: one per core].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// How long sluice waits for the workload to accept its connection; the
+    /// client is then reset.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub connect_timeout: Duration,
+    /// A connection that moves no byte either way for this long (half-closed
+    /// ones included) is reset on both sides; 0 means never.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long connections in flight may go on before
+    /// they are reset; new connections are refused meanwhile.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Connections forwarded at once; beyond it, new ones are reset
+    /// [default: what the descriptor limit (RLIMIT_NOFILE) holds].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+}
+
+/// A duration such as `10s`, `1m30s`, `250ms`, or `0`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "0" => Ok(Duration::ZERO),
+        text => humantime::parse_duration(text)
+            .map_err(|e| format!("'{text}' is not a duration ({e}); write e.g. 10s, 1m30s, 250ms")),
+    }
+}
+
+/// A duration that must not be zero.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("a timeout of 0 would fail every connection; give e.g. 10s".into()),
+        duration => Ok(duration),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

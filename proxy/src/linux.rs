@@ -56,6 +56,7 @@ pub fn listener(
 pub fn bypass_socket(destination: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
     socket.set_tcp_nodelay(true)?;
+    set_keepalive(&socket)?;
     bind_address_no_port(&socket)?;
     socket.bind(&SocketAddr::new(bypass_source(destination.ip()), 0).into())?;
     Ok(socket)
@@ -238,18 +239,44 @@ pub fn may_load_bpf() -> io::Result<bool> {
     Ok((has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN))
 }
 
-/// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes.
+/// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes
+/// where the kernel allows it.
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
 }
 
+/// A new pipe's size when it cannot be resized.
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
 impl Pipe {
+    /// A pipe of `size` bytes or, where the kernel refuses that size, of its
+    /// default size. The refusal is EPERM once this user's pipes exceed
+    /// `fs.pipe-user-pages-soft` without CAP_SYS_RESOURCE (a non-root
+    /// sidecar with many busy connections): a smaller pipe moves the same
+    /// bytes in more calls, where failing would reset the connection.
     pub fn new(size: usize) -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        let size = i32::try_from(size).map_err(|_| io::Error::other("pipe size too large"))?;
-        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size))?;
-        Ok(Pipe { read, write })
+        let wanted = i32::try_from(size).map_err(|_| io::Error::other("pipe size too large"))?;
+        let capacity = match nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(wanted)) {
+            Ok(set) => usize::try_from(set).unwrap_or(size),
+            Err(nix::errno::Errno::EPERM) => {
+                let got = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ)?;
+                usize::try_from(got).unwrap_or(DEFAULT_PIPE_SIZE)
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Bytes the pipe holds: the most one splice into it can move.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Moves up to `len` bytes from `socket` into the pipe; 0 is end of
@@ -318,4 +345,85 @@ fn borrow(socket: &impl AsRawFd) -> BorrowedFd<'_> {
     // SAFETY: the descriptor is owned by `socket`, which the returned borrow
     // cannot outlive, and a BorrowedFd never closes what it borrows.
     unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
+}
+
+/// Aborts a TCP connection without closing its descriptor: `connect()` with
+/// `AF_UNSPEC` runs the kernel's `tcp_disconnect`, which sends a reset to
+/// the peer of an established (or half-closed) connection, abandons a
+/// connect in progress, and leaves the socket closed, so whatever waits on it
+/// wakes with an error and nothing it does afterwards can send a FIN.
+/// Works whichever forwarder holds the socket.
+pub fn abort(socket: &impl AsRawFd) -> io::Result<()> {
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr>())
+        .map_err(|_| io::Error::other("sockaddr does not fit socklen_t"))?;
+    // SAFETY: a valid sockaddr of `len` bytes, read by the kernel only.
+    let rc = unsafe { libc::connect(socket.as_raw_fd(), &unspec, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// TCP keepalive, so that a peer that vanished without a word (a node gone,
+/// a NAT that forgot the flow) is found in about two minutes instead of
+/// holding the connection forever. Accepted sockets inherit it from their
+/// listener.
+pub fn set_keepalive(socket: &impl AsRawFd) -> io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(60))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    with_sockref(socket, |s| s.set_tcp_keepalive(&keepalive))
+}
+
+/// The descriptor limit before and after [`raise_nofile_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    pub soft_before: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: the soft limit of 1024
+/// that most containers start with would cap sluice near 500 connections.
+pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft_before, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft_before < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok(NofileLimit {
+        soft_before,
+        soft,
+        hard,
+    })
+}
+
+/// Waits up to `timeout` for one of `signals` (which the calling thread has
+/// blocked); `None` when none came.
+pub fn wait_signal(
+    signals: &nix::sys::signal::SigSet,
+    timeout: std::time::Duration,
+) -> io::Result<Option<nix::sys::signal::Signal>> {
+    let timeout = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: a valid signal set and timespec; no siginfo is asked for.
+    let rc = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &timeout) };
+    if rc < 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    nix::sys::signal::Signal::try_from(rc)
+        .map(Some)
+        .map_err(io::Error::from)
 }

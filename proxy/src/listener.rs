@@ -4,6 +4,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use crate::config::Mode;
 use crate::linux;
@@ -44,7 +45,7 @@ impl std::fmt::Display for ClientAddr {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("port {port} is already in use ({family}): stop what listens there or choose another --proxy-port")]
+    #[error("port {port} is already in use ({family}), and stayed so for 3 s: stop what listens there or choose another --proxy-port")]
     PortInUse { port: u16, family: &'static str },
     #[error("a transparent listener needs CAP_NET_ADMIN (IP_TRANSPARENT): run sluice as root or grant it NET_ADMIN")]
     NotPermitted,
@@ -81,16 +82,40 @@ impl Listeners {
     }
 }
 
+/// How long a bind that meets EADDRINUSE is tried again. The listener of a
+/// sluice that just exited can hold the port for a moment (in ebpf mode the
+/// sockmap keeps it until the kernel frees the program's maps), and a
+/// container restart binds at once.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, Error> {
     let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
-    linux::listener(addr, transparent, BACKLOG).map_err(|source| match source.raw_os_error() {
-        Some(libc::EADDRINUSE) => Error::PortInUse {
-            port: addr.port(),
-            family,
-        },
-        Some(libc::EPERM) => Error::NotPermitted,
-        _ => Error::Other { addr, source },
-    })
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    loop {
+        let error = match linux::listener(addr, transparent, BACKLOG) {
+            Ok(listener) => {
+                // Accepted sockets inherit it: no call per connection.
+                linux::set_keepalive(&listener).map_err(|source| Error::Other { addr, source })?;
+                return Ok(listener);
+            }
+            Err(error) => error,
+        };
+        return Err(match error.raw_os_error() {
+            Some(libc::EADDRINUSE) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Some(libc::EADDRINUSE) => Error::PortInUse {
+                port: addr.port(),
+                family,
+            },
+            Some(libc::EPERM) => Error::NotPermitted,
+            _ => Error::Other {
+                addr,
+                source: error,
+            },
+        });
+    }
 }
 
 pub fn original_dst(mode: Mode, accepted: &impl AsRawFd) -> io::Result<OrigDst> {

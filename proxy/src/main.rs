@@ -38,6 +38,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 forwarder: args.forward,
                 install_rules: args.install_rules,
                 workers,
+                connect_timeout: args.connect_timeout,
+                idle_timeout: args.idle_timeout,
+                drain_timeout: args.drain_timeout,
+                max_connections: args.max_connections,
             })
             .context("sluice run")?;
             Ok(ExitCode::SUCCESS)

@@ -4,12 +4,18 @@
 use std::io;
 use std::net::SocketAddr;
 
+use socket2::Socket;
 use tokio_uring::net::TcpStream;
 
 use crate::{linux, uring};
 
-pub async fn connect(destination: SocketAddr) -> io::Result<TcpStream> {
-    let socket = linux::bypass_socket(destination)?;
+/// The socket the connection to `destination` will be made from; its
+/// descriptor can be aborted (the connect timeout) while [`connect`] waits.
+pub fn socket(destination: SocketAddr) -> io::Result<Socket> {
+    linux::bypass_socket(destination)
+}
+
+pub async fn connect(socket: Socket, destination: SocketAddr) -> io::Result<TcpStream> {
     let connected = uring::connect(socket, destination.into()).await?;
     Ok(TcpStream::from_std(connected.into()))
 }

@@ -22,7 +22,7 @@ use super::{Direction, End, Forwarded, Teardown};
 use crate::linux::{self, Pipe};
 use crate::uring;
 
-/// Bytes a pipe holds: one splice moves at most this much.
+/// Bytes a pipe is asked to hold (see `Pipe::new` for when it holds less).
 const PIPE_SIZE: usize = 256 * 1024;
 /// Idle pipes kept per worker thread.
 const POOL_LIMIT: usize = 64;
@@ -101,7 +101,7 @@ async fn move_available(
     bytes: &mut u64,
 ) -> Option<End> {
     loop {
-        match pipe.fill_from(from, PIPE_SIZE) {
+        match pipe.fill_from(from, pipe.capacity()) {
             // Readable and nothing to move: end of stream, never a spin.
             Ok(0) => return Some(End::Eof),
             Ok(filled) => {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! nat PREROUTING -p tcp -> SLUICE_PREROUTING
-//!   1. sluice's own upstream connection (from the bypass source on lo) -> RETURN
+//!   1. arriving on lo (inside the pod, sluice's own upstream leg among them) -> RETURN
 //!   2. excluded interfaces, source CIDRs, destination ports -> RETURN
 //!   3. intercepted ports -> REDIRECT --to-ports <proxy-port>
 //! ```
@@ -15,19 +15,14 @@
 
 use crate::config::{Policy, Ports};
 use crate::intercept::rules::{Family, RuleSet};
-use crate::linux::{BYPASS_SOURCE_V4, BYPASS_SOURCE_V6};
 
 const TABLE: &str = "nat";
 const ENTRY: &str = "SLUICE_PREROUTING";
 
 pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
-    let bypass = match family {
-        Family::V4 => format!("{BYPASS_SOURCE_V4}/32"),
-        Family::V6 => format!("{BYPASS_SOURCE_V6}/128"),
-    };
     let mut set = RuleSet::new(family, TABLE);
     set.push("PREROUTING", format!("-p tcp -j {ENTRY}"));
-    set.push(ENTRY, format!("-s {bypass} -i lo -j RETURN"));
+    set.push(ENTRY, "-i lo -j RETURN");
     super::push_exclusions(&mut set, ENTRY, policy, family);
     let redirect = format!("-j REDIRECT --to-ports {}", policy.proxy_port);
     match &policy.ports {

@@ -49,6 +49,8 @@ pub enum Behaviour {
     GreetThenDrain,
     /// Read this many bytes, then reset the connection.
     ResetAfter(usize),
+    /// Send this many bytes of [`download_bytes`] at once, then close.
+    Download(usize),
 }
 
 pub const TRAILER: &[u8] = b"<eof seen>";
@@ -69,6 +71,9 @@ pub struct Workload {
     pub drained: Arc<AtomicU64>,
     /// Connections whose end (FIN or reset) the workload saw.
     pub ended: Arc<AtomicU64>,
+    /// `Echo` and `GreetThenDrain` connections that ended with an error (a
+    /// reset) rather than a FIN.
+    pub resets: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -88,6 +93,7 @@ impl Workload {
             peers: Arc::default(),
             drained: Arc::default(),
             ended: Arc::default(),
+            resets: Arc::default(),
             threads: Vec::new(),
         };
         for listener in &workload.listeners {
@@ -100,6 +106,7 @@ impl Workload {
                     workload.peers.clone(),
                 );
                 let (drained, ended) = (workload.drained.clone(), workload.ended.clone());
+                let resets = workload.resets.clone();
                 workload.threads.push(std::thread::spawn(move || loop {
                     let Ok((stream, peer)) = listener.accept() else {
                         if stopping.load(Ordering::SeqCst) {
@@ -114,18 +121,31 @@ impl Workload {
                     }
                     match behaviour {
                         Behaviour::Echo => {
-                            std::thread::spawn(move || echo(stream));
+                            let resets = resets.clone();
+                            std::thread::spawn(move || {
+                                if echo(stream).is_err() {
+                                    resets.fetch_add(1, Ordering::SeqCst);
+                                }
+                            });
                         }
                         Behaviour::ReplyAndClose => reply_and_close(stream),
                         Behaviour::GreetThenDrain => {
                             let (drained, ended) = (drained.clone(), ended.clone());
+                            let resets = resets.clone();
                             std::thread::spawn(move || {
-                                drained.fetch_add(greet_then_drain(stream), Ordering::SeqCst);
+                                let (bytes, reset) = greet_then_drain(stream);
+                                drained.fetch_add(bytes, Ordering::SeqCst);
+                                if reset {
+                                    resets.fetch_add(1, Ordering::SeqCst);
+                                }
                                 ended.fetch_add(1, Ordering::SeqCst);
                             });
                         }
                         Behaviour::ResetAfter(limit) => {
                             std::thread::spawn(move || reset_after(stream, limit));
+                        }
+                        Behaviour::Download(len) => {
+                            std::thread::spawn(move || download(stream, len));
                         }
                     }
                 }));
@@ -152,33 +172,32 @@ impl Drop for Workload {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+/// Echoes until end of stream; an error when the connection was reset.
+fn echo(mut stream: TcpStream) -> std::io::Result<()> {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        match stream.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => {
-                if stream.write_all(&buffer[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
+        match stream.read(&mut buffer)? {
+            0 => break,
+            n => stream.write_all(&buffer[..n])?,
         }
     }
-    let _ = stream.write_all(TRAILER);
+    stream.write_all(TRAILER)
 }
 
-fn greet_then_drain(mut stream: TcpStream) -> u64 {
+/// Bytes read, and whether the end was a reset rather than a FIN.
+fn greet_then_drain(mut stream: TcpStream) -> (u64, bool) {
     if stream.write_all(GREETING).is_err() || stream.shutdown(Shutdown::Write).is_err() {
-        return 0;
+        return (0, true);
     }
     let mut buffer = vec![0u8; 64 * 1024];
     let mut total = 0u64;
-    // Ends on FIN (0) or on a reset (error): either way the end was seen.
-    while let Ok(n @ 1..) = stream.read(&mut buffer) {
-        total += n as u64;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return (total, false),
+            Ok(n) => total += n as u64,
+            Err(_) => return (total, true),
+        }
     }
-    total
 }
 
 fn reset_after(mut stream: TcpStream, limit: usize) {
@@ -187,12 +206,29 @@ fn reset_after(mut stream: TcpStream, limit: usize) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
+/// What a [`Behaviour::Download`] workload sends.
+pub fn download_bytes(len: usize) -> Vec<u8> {
+    random_bytes(len, 42)
+}
+
+fn download(mut stream: TcpStream, len: usize) {
+    let _ = stream.write_all(&download_bytes(len));
+}
+
 fn reply_and_close(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(PATIENCE));
     let mut request = [0u8; REQUEST.len()];
     if stream.read_exact(&mut request).is_ok() {
         let _ = stream.write_all(REPLY);
     }
+}
+
+/// How to start sluice, beyond its arguments.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// A command and its arguments sluice runs under (`setpriv`, `prlimit`).
+    pub wrapper: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// A `sluice` process in the pod namespace. Its log lines are collected; it
@@ -205,13 +241,21 @@ pub struct Sluice {
 impl Sluice {
     /// Starts `sluice run <args>` and waits until it says it is ready.
     pub fn run(pod: &Netns, args: &[&str]) -> Sluice {
-        Sluice::run_wrapped(pod, &[], args)
+        Sluice::launch(pod, &Launch::default(), args)
     }
 
     /// Like [`Sluice::run`], with sluice started through `wrapper` (a
     /// command and its arguments, e.g. `setpriv` to drop capabilities).
     pub fn run_wrapped(pod: &Netns, wrapper: &[&str], args: &[&str]) -> Sluice {
-        let mut command = match wrapper.split_first() {
+        let launch = Launch {
+            wrapper,
+            ..Launch::default()
+        };
+        Sluice::launch(pod, &launch, args)
+    }
+
+    pub fn launch(pod: &Netns, launch: &Launch<'_>, args: &[&str]) -> Sluice {
+        let mut command = match launch.wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut command = Command::new(program);
                 command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_sluice"));
@@ -220,6 +264,7 @@ impl Sluice {
             None => Command::new(env!("CARGO_BIN_EXE_sluice")),
         };
         command
+            .envs(launch.env.iter().copied())
             .arg("run")
             .args(args)
             .arg("--workers")
@@ -252,6 +297,34 @@ impl Sluice {
             panic!("sluice did not become ready; its log:\n{}", sluice.log());
         }
         sluice
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT, ...) without waiting.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.pid()).expect("pid fits i32");
+        // SAFETY: plain syscall; the child is not reaped before `wait_exit`.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// Waits (bounded) for sluice to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let process = self.process.as_mut().expect("sluice still running");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = process.try_wait().expect("wait for sluice") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sluice did not exit; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn pid(&self) -> u32 {

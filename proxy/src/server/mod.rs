@@ -1,0 +1,383 @@
+//! `sluice run`: worker threads, each with its own io_uring runtime,
+//! accepting intercepted connections and forwarding them to the workload,
+//! and the control thread that starts them, installs the interception,
+//! waits for a signal and drains.
+//!
+//! Control stays on the main thread (rules, signals, drain); the workers
+//! share nothing mutable with it but their own counters and the phase it
+//! sets.
+//!
+//! Stopping (SIGTERM or SIGINT): the workers refuse new connections with a
+//! reset (the interception stays in place, so none reaches the workload
+//! around sluice) while those in flight go on, for up to `--drain-timeout`.
+//! What is still open then, or at a second signal, is reset on both sides:
+//! sluice never ends with a FIN a stream whose FIN it did not see. Then the
+//! interception is removed (if sluice installed it) and sluice exits 0.
+//! A worker that panics or dies takes the process down, non-zero, after the
+//! same clean-up: a process that looks alive but forwards nothing is worse
+//! than one the orchestrator restarts.
+
+mod connection;
+pub mod stats;
+mod worker;
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{Forwarder, Mode, Policy};
+use crate::forward;
+use crate::intercept::{self, ebpf, Plan};
+use crate::linux;
+use crate::listener::{self, Listeners};
+use crate::routing::{self, BypassSource};
+use stats::WorkerStats;
+pub use worker::PANIC_AFTER_ENV;
+use worker::{Phase, Settings, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Listen(#[from] listener::Error),
+    #[error("installing the interception rules")]
+    Intercept(#[from] intercept::Error),
+    #[error("attaching the eBPF program")]
+    Ebpf(#[source] ebpf::Error),
+    #[error("the IPv6 bypass source")]
+    Bypass(#[from] routing::Error),
+    #[error("cannot start a worker thread")]
+    Worker(#[source] io::Error),
+    #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
+    IoUring(#[source] io::Error),
+    #[error("cannot wait for SIGINT/SIGTERM")]
+    Signals(#[source] io::Error),
+    #[error("a worker thread {0}; sluice stops so that it can be restarted (see the log above)")]
+    WorkerDied(&'static str),
+}
+
+pub struct RunOptions {
+    pub policy: Policy,
+    /// ebpf mode: where to pin the program so it outlives sluice.
+    pub pin: Option<std::path::PathBuf>,
+    pub forwarder: Forwarder,
+    pub install_rules: bool,
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    /// Zero: no idle timeout.
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// `None`: what the descriptor limit holds.
+    pub max_connections: Option<u32>,
+}
+
+/// How often the control thread looks at the workers while it waits.
+const TICK: Duration = Duration::from_millis(50);
+/// Descriptors kept aside from `--max-connections`' default: listeners,
+/// rings, netlink and BPF objects, log output.
+const RESERVED_FDS: u64 = 64;
+/// How long the workers get to reset their connections when told to.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs until SIGINT or SIGTERM and a drain. Rules installed here are
+/// removed on the way out, also when start-up fails half-way.
+pub fn run(options: RunOptions) -> Result<(), Error> {
+    // Blocked before any thread starts, so every thread inherits the mask and
+    // only the main thread's sigtimedwait sees the signals.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .map_err(|e| Error::Signals(e.into()))?;
+    install_panic_hook();
+
+    let max_connections = max_connections(&options);
+    let policy = options.policy;
+    let listeners = Listeners::bind(policy.mode, policy.proxy_port)?;
+    let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
+        Some(InstalledRules::install(Plan::new(&policy))?)
+    } else {
+        None
+    };
+    // Declared after the listeners, so dropped before them: no window where
+    // the program steers SYNs to closed sockets.
+    let _program = match policy.mode {
+        Mode::Ebpf => Some(AttachedProgram::attach(
+            &policy,
+            &listeners,
+            options.pin.as_deref(),
+        )?),
+        _ => None,
+    };
+
+    // Once for all workers: the sockmap forwarder's program and maps.
+    let forwarding = forward::Forwarding::new(options.forwarder);
+    let settings = Arc::new(Settings {
+        mode: policy.mode,
+        proxy_port: policy.proxy_port,
+        forwarding: forwarding.clone(),
+        connect_timeout: options.connect_timeout,
+        idle_timeout: (!options.idle_timeout.is_zero()).then_some(options.idle_timeout),
+        max_connections: (max_connections as usize).div_ceil(options.workers),
+        panic_after: std::env::var(PANIC_AFTER_ENV)
+            .ok()
+            .and_then(|n| n.parse().ok()),
+    });
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    let (exits_tx, exits) = mpsc::channel();
+    let (started_tx, started_rx) = mpsc::channel();
+    let mut stats = Vec::new();
+    for index in 0..options.workers {
+        let listeners = vec![
+            listeners.v4.try_clone().map_err(Error::Worker)?,
+            listeners.v6.try_clone().map_err(Error::Worker)?,
+        ];
+        let worker_stats = Arc::new(WorkerStats::default());
+        stats.push(worker_stats.clone());
+        let worker = Worker::new(settings.clone(), worker_stats);
+        let (started, phase, exit) = (started_tx.clone(), phase_rx.clone(), exits_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("sluice-worker-{index}"))
+            .spawn(move || {
+                let _exit = ExitNotice(exit);
+                worker.run(listeners, phase, started);
+            })
+            .map_err(Error::Worker)?;
+    }
+    for _ in 0..options.workers {
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(Error::IoUring(error)),
+            Err(_) => return Err(Error::WorkerDied("died at start")),
+        }
+    }
+    info!(
+        mode = %policy.mode,
+        forward = ?forwarding.forwarder(),
+        port = policy.proxy_port,
+        workers = options.workers,
+        max_connections,
+        rules = options.install_rules,
+        "sluice ready"
+    );
+
+    let control = Control {
+        signals,
+        phase,
+        exits,
+        stats,
+    };
+    let signal = control.serve()?;
+    control.drain(signal, options.drain_timeout)
+}
+
+/// `--max-connections`, or what the descriptor limit holds once raised.
+fn max_connections(options: &RunOptions) -> u32 {
+    let limit = match linux::raise_nofile_limit() {
+        Ok(limit) => {
+            info!(
+                soft_before = limit.soft_before,
+                soft = limit.soft,
+                hard = limit.hard,
+                "descriptor limit (RLIMIT_NOFILE)"
+            );
+            limit.soft
+        }
+        Err(error) => {
+            warn!(%error, "cannot read or raise the descriptor limit; assuming 1024");
+            1024
+        }
+    };
+    if let Some(max) = options.max_connections {
+        return max;
+    }
+    // Each connection holds two sockets; splice adds two pipes (four
+    // descriptors) while it moves bytes in both directions.
+    let per_connection = match options.forwarder {
+        Forwarder::Splice => 6,
+        Forwarder::Copy | Forwarder::Sockmap => 2,
+    };
+    let reserved = RESERVED_FDS + 8 * options.workers as u64;
+    let max = limit.saturating_sub(reserved) / per_connection;
+    u32::try_from(max).unwrap_or(u32::MAX).max(1)
+}
+
+/// Logs a panic through the log (so JSON logs keep it), resets the
+/// panicking worker's connections before unwinding closes them with a FIN,
+/// and tells the control thread.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        error!(thread = thread.name().unwrap_or("?"), "panic: {info}");
+        worker::abort_current_worker();
+        worker::PANICKED.store(true, Ordering::SeqCst);
+    }));
+}
+
+/// Sent when a worker thread ends, for whatever reason.
+struct ExitNotice(mpsc::Sender<()>);
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+struct Control {
+    signals: SigSet,
+    phase: watch::Sender<Phase>,
+    exits: mpsc::Receiver<()>,
+    stats: Vec<Arc<WorkerStats>>,
+}
+
+impl Control {
+    /// Waits for a signal; fails when a worker dies first.
+    fn serve(&self) -> Result<Signal, Error> {
+        loop {
+            if let Some(signal) = self.wait(TICK)? {
+                return Ok(signal);
+            }
+        }
+    }
+
+    /// Refuses new connections, waits for those in flight up to `timeout`
+    /// (or a second signal), then resets what is left.
+    fn drain(&self, signal: Signal, timeout: Duration) -> Result<(), Error> {
+        let _ = self.phase.send(Phase::Draining);
+        let in_flight = self.active();
+        info!(%signal, in_flight, timeout = ?timeout, "sluice draining: new connections are refused");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let active = self.active();
+            if active == 0 {
+                info!("drained: every connection ended; sluice stopping");
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    open = active,
+                    "drain timeout: resetting the connections still open"
+                );
+                break;
+            }
+            if let Some(second) = self.wait(TICK.min(deadline - now))? {
+                warn!(signal = %second, open = active, "second signal: resetting the connections still open");
+                break;
+            }
+        }
+        self.abort()?;
+        info!("sluice stopping");
+        Ok(())
+    }
+
+    /// Resets every connection and waits (briefly) until the workers have.
+    fn abort(&self) -> Result<(), Error> {
+        let _ = self.phase.send(Phase::Aborting);
+        let deadline = Instant::now() + ABORT_WAIT;
+        while self.active() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// One wait for a signal, with a look at the workers' health.
+    fn wait(&self, timeout: Duration) -> Result<Option<Signal>, Error> {
+        if worker::PANICKED.load(Ordering::SeqCst) {
+            let _ = self.abort();
+            return Err(Error::WorkerDied("panicked"));
+        }
+        if self.exits.try_recv().is_ok() {
+            let _ = self.abort();
+            return Err(Error::WorkerDied("ended"));
+        }
+        linux::wait_signal(&self.signals, timeout).map_err(Error::Signals)
+    }
+
+    fn active(&self) -> u64 {
+        stats::total(&self.stats, |s| &s.active)
+    }
+}
+
+/// The sk_lookup program of `--mode ebpf`, attached for sluice's lifetime
+/// (unless pinned), with the IPv6 bypass source it needs.
+struct AttachedProgram {
+    _interceptor: ebpf::Interceptor,
+    added_bypass: bool,
+}
+
+impl AttachedProgram {
+    fn attach(
+        policy: &Policy,
+        listeners: &Listeners,
+        pin: Option<&Path>,
+    ) -> Result<AttachedProgram, Error> {
+        let added_bypass = !BypassSource::present()?;
+        BypassSource::install()?;
+        let wanted = ebpf::EbpfPolicy::from_policy(policy);
+        let (v4, v6) = (listeners.v4.as_fd(), listeners.v6.as_fd());
+        let attached = match pin {
+            Some(dir) => ebpf::Interceptor::attach_pinned(&wanted, v4, v6, dir),
+            None => ebpf::Interceptor::attach(&wanted, v4, v6),
+        };
+        match attached {
+            Ok(interceptor) => {
+                info!(link = interceptor.link_id(), pinned = ?pin, "sk_lookup program attached");
+                Ok(AttachedProgram {
+                    _interceptor: interceptor,
+                    added_bypass: added_bypass && pin.is_none(),
+                })
+            }
+            Err(error) => {
+                if added_bypass {
+                    let _ = BypassSource::remove();
+                }
+                Err(Error::Ebpf(error))
+            }
+        }
+    }
+}
+
+impl Drop for AttachedProgram {
+    fn drop(&mut self) {
+        if self.added_bypass {
+            if let Err(error) = BypassSource::remove() {
+                warn!(%error, "could not remove ::6 from lo");
+            }
+        }
+    }
+}
+
+/// Rules installed by `run --install-rules`, removed when dropped.
+struct InstalledRules(Plan);
+
+impl InstalledRules {
+    fn install(plan: Plan) -> Result<InstalledRules, intercept::Error> {
+        plan.install()?;
+        info!("interception rules installed");
+        Ok(InstalledRules(plan))
+    }
+}
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        match self.0.remove() {
+            Ok(()) => info!("interception rules removed"),
+            Err(error) => {
+                warn!(%error, "could not remove the interception rules; run `sluice rules remove`")
+            }
+        }
+    }
+}
+
+/// One worker per core unless told otherwise.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}

@@ -1,0 +1,410 @@
+//! One data-path thread: its io_uring runtime, its accept loops, the
+//! connections it forwards, and the phase the control thread has set
+//! (serving, draining, aborting).
+//!
+//! Everything a worker owns is its own: the connection table is a plain
+//! `RefCell` on its thread, and its counters are written by it alone (the
+//! control thread only reads them), so no cache line bounces between cores
+//! per connection.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tokio::sync::watch;
+use tokio_uring::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use super::connection;
+use super::stats::{Refused, WorkerStats};
+use crate::config::Mode;
+use crate::forward::Forwarding;
+use crate::linux;
+use crate::listener::ClientAddr;
+
+/// What the control thread asks of every worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accept and forward.
+    Serving,
+    /// Refuse new connections (reset); let those in flight finish.
+    Draining,
+    /// Reset every connection in flight, on both sides, now.
+    Aborting,
+}
+
+/// What every worker is told at start; never changes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub proxy_port: u16,
+    pub forwarding: Forwarding,
+    pub connect_timeout: Duration,
+    /// `None`: connections may stay idle for ever.
+    pub idle_timeout: Option<Duration>,
+    /// This worker's share of `--max-connections`.
+    pub max_connections: usize,
+    /// Test hook (see [`PANIC_AFTER_ENV`]).
+    pub panic_after: Option<u64>,
+}
+
+/// Names a number of accepted connections after which a worker panics. The
+/// way the fault suite proves that a panicking worker takes the process down:
+/// nothing else can reach that path, and a failpoint crate would put a
+/// shared lock on every connection.
+pub const PANIC_AFTER_ENV: &str = "SLUICE_TEST_WORKER_PANIC_AFTER";
+
+/// Accept errors (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) are retried after a
+/// pause that doubles up to this.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+/// The longest pause between two sweeps of the connection table (connect
+/// timeouts are enforced within it).
+const MAX_SWEEP: Duration = Duration::from_secs(1);
+
+/// Set by the panic hook: a worker panicked, the process must go.
+pub static PANICKED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The worker of this thread, for the panic hook.
+    static CURRENT: RefCell<Weak<Worker>> = const { RefCell::new(Weak::new()) };
+}
+
+/// Resets every connection of the calling thread's worker, if it is one.
+/// Called by the panic hook: the unwinding that follows would close them
+/// with a FIN, ending streams that did not end.
+pub fn abort_current_worker() {
+    let _ = CURRENT.try_with(|current| {
+        if let Some(worker) = current.try_borrow().ok().and_then(|w| w.upgrade()) {
+            worker.abort_all();
+        }
+    });
+}
+
+pub struct Worker {
+    pub settings: Arc<Settings>,
+    pub stats: Arc<WorkerStats>,
+    phase: Cell<Phase>,
+    connections: RefCell<Slab<Tracked>>,
+    accepted: Cell<u64>,
+    accept_errors: RateLimited,
+    refusals: RateLimited,
+}
+
+/// A connection in the worker's table.
+struct Tracked {
+    client: RawFd,
+    stage: Stage,
+}
+
+enum Stage {
+    Accepted,
+    Connecting {
+        upstream: RawFd,
+        since: Instant,
+        timed_out: bool,
+    },
+    Forwarding {
+        upstream: RawFd,
+        /// Bytes received by both sockets at the last look, and when that
+        /// figure last changed.
+        received: u64,
+        changed: Instant,
+    },
+}
+
+impl Worker {
+    pub fn new(settings: Arc<Settings>, stats: Arc<WorkerStats>) -> Worker {
+        Worker {
+            settings,
+            stats,
+            phase: Cell::new(Phase::Serving),
+            connections: RefCell::new(Slab::new()),
+            accepted: Cell::new(0),
+            accept_errors: RateLimited::default(),
+            refusals: RateLimited::default(),
+        }
+    }
+
+    /// Runs the accept loops until the process ends; reports on `started`
+    /// whether the io_uring runtime came up, so a kernel that refuses
+    /// io_uring fails `sluice run` instead of leaving it alive with no worker.
+    pub fn run(
+        self,
+        listeners: Vec<std::net::TcpListener>,
+        phase: watch::Receiver<Phase>,
+        started: mpsc::Sender<io::Result<()>>,
+    ) {
+        let runtime = match tokio_uring::Runtime::new(tokio_uring::builder().entries(1024)) {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = started.send(Err(error));
+                return;
+            }
+        };
+        let worker = Rc::new(self);
+        CURRENT.with(|current| *current.borrow_mut() = Rc::downgrade(&worker));
+        runtime.block_on(async move {
+            let mut tasks = Vec::new();
+            for listener in listeners {
+                let listener = TcpListener::from_std(listener);
+                tasks.push(tokio_uring::spawn(worker.clone().accept_loop(listener)));
+            }
+            tasks.push(tokio_uring::spawn(worker.clone().follow(phase)));
+            tasks.push(tokio_uring::spawn(worker.clone().sweep()));
+            let _ = started.send(Ok(()));
+            futures::future::join_all(tasks).await;
+        });
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut backoff = MIN_ACCEPT_BACKOFF;
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = MIN_ACCEPT_BACKOFF;
+                    self.accepted(stream, ClientAddr(peer));
+                }
+                Err(error) => {
+                    // Out of descriptors or memory: the connection waits in
+                    // the backlog; an accept loop that exits would take
+                    // interception down with it.
+                    self.accept_errors.warn(|suppressed| {
+                        warn!(%error, suppressed, "accept failed; retrying (logged at most once a second)")
+                    });
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn accepted(self: &Rc<Self>, stream: TcpStream, peer: ClientAddr) {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let count = self.accepted.get() + 1;
+        self.accepted.set(count);
+        if self.settings.panic_after == Some(count) {
+            panic!("{PANIC_AFTER_ENV}={count}: a worker panics, as the test asked");
+        }
+        if self.phase.get() != Phase::Serving {
+            return self.refuse(&stream, peer, None, Refused::Draining);
+        }
+        if self.connections.borrow().len() >= self.settings.max_connections {
+            return self.refuse(&stream, peer, None, Refused::ConnectionLimit);
+        }
+        tokio_uring::spawn(connection::serve(self.clone(), stream, peer));
+    }
+
+    /// Resets `client` (its close sends RST), counts the refusal under
+    /// `reason` and says so in the log, at most once a second: a remote
+    /// client must not be able to flood the log.
+    pub fn refuse(
+        &self,
+        client: &impl AsRawFd,
+        peer: ClientAddr,
+        destination: Option<SocketAddr>,
+        reason: Refused,
+    ) {
+        self.stats.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+        let _ = linux::reset_on_close(client);
+        self.refusals.warn(|suppressed| match destination {
+            Some(destination) => {
+                warn!(client = %peer, %destination, suppressed, "refused: {reason}")
+            }
+            None => warn!(client = %peer, suppressed, "refused: {reason}"),
+        });
+    }
+
+    /// Enters `client` in the table; `None` when the worker is aborting (a
+    /// connection accepted just before must not slip through).
+    pub fn track(self: &Rc<Self>, client: &impl AsRawFd) -> Option<Registration> {
+        if self.phase.get() == Phase::Aborting {
+            return None;
+        }
+        let key = self.connections.borrow_mut().insert(Tracked {
+            client: client.as_raw_fd(),
+            stage: Stage::Accepted,
+        });
+        self.publish_active();
+        Some(Registration {
+            worker: self.clone(),
+            key,
+        })
+    }
+
+    fn publish_active(&self) {
+        let active = self.connections.borrow().len() as u64;
+        self.stats.active.store(active, Ordering::Relaxed);
+    }
+
+    /// Follows the control thread's phase.
+    async fn follow(self: Rc<Self>, mut phase: watch::Receiver<Phase>) {
+        while phase.changed().await.is_ok() {
+            let now = *phase.borrow_and_update();
+            self.phase.set(now);
+            if now == Phase::Aborting {
+                self.abort_all();
+            }
+        }
+    }
+
+    /// Resets every connection in the table on both sides. The forwarders
+    /// see the error and end; their tasks then leave the table.
+    pub fn abort_all(&self) {
+        let Ok(connections) = self.connections.try_borrow() else {
+            return;
+        };
+        for (_, tracked) in connections.iter() {
+            let _ = linux::abort(&tracked.client);
+            match tracked.stage {
+                Stage::Accepted => {}
+                Stage::Connecting { upstream, .. } | Stage::Forwarding { upstream, .. } => {
+                    let _ = linux::abort(&upstream);
+                }
+            }
+        }
+    }
+
+    /// Enforces the connect timeout and the idle timeout, from the table:
+    /// one timer per worker rather than one per connection.
+    async fn sweep(self: Rc<Self>) {
+        let connect = self.settings.connect_timeout;
+        let idle = self.settings.idle_timeout;
+        let tick = (connect / 10).min(MAX_SWEEP).max(Duration::from_millis(10));
+        // An idle check reads TCP_INFO of both sockets; an eighth of the
+        // timeout keeps the error under 13% at a small cost.
+        let idle_every = idle.map(|idle| (idle / 8).max(tick));
+        let mut idle_checked = Instant::now();
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let check_idle = idle_every.is_some_and(|every| now - idle_checked >= every);
+            if check_idle {
+                idle_checked = now;
+            }
+            let mut connections = self.connections.borrow_mut();
+            for (_, tracked) in connections.iter_mut() {
+                match &mut tracked.stage {
+                    Stage::Connecting {
+                        upstream,
+                        since,
+                        timed_out,
+                    } if !*timed_out && now - *since >= connect => {
+                        // Wakes the pending connect with an error; the
+                        // connection's task resets the client.
+                        *timed_out = true;
+                        let _ = linux::abort(upstream);
+                    }
+                    Stage::Forwarding {
+                        upstream,
+                        received,
+                        changed,
+                    } if check_idle => {
+                        let now_received = received_by(tracked.client) + received_by(*upstream);
+                        if now_received != *received {
+                            *received = now_received;
+                            *changed = now;
+                        } else if idle.is_some_and(|idle| now - *changed >= idle) {
+                            self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                            let _ = linux::abort(&tracked.client);
+                            let _ = linux::abort(upstream);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Bytes a socket has received (TCP_INFO); whatever the forwarder, even one
+/// that moves them inside the kernel.
+fn received_by(socket: RawFd) -> u64 {
+    linux::tcp_counters(&socket).map_or(0, |c| c.bytes_received)
+}
+
+/// A connection's place in its worker's table; leaving it (drop) takes the
+/// connection out. Dropped before the connection's sockets, so the table
+/// never names a closed descriptor.
+pub struct Registration {
+    worker: Rc<Worker>,
+    key: usize,
+}
+
+impl Registration {
+    pub fn connecting(&self, upstream: &impl AsRawFd) {
+        self.set(Stage::Connecting {
+            upstream: upstream.as_raw_fd(),
+            since: Instant::now(),
+            timed_out: false,
+        });
+    }
+
+    pub fn forwarding(&self, upstream: &impl AsRawFd) {
+        self.set(Stage::Forwarding {
+            upstream: upstream.as_raw_fd(),
+            received: 0,
+            changed: Instant::now(),
+        });
+    }
+
+    /// Whether the sweep ended the upstream connect for taking too long.
+    pub fn timed_out(&self) -> bool {
+        let connections = self.worker.connections.borrow();
+        matches!(
+            connections.get(self.key).map(|t| &t.stage),
+            Some(Stage::Connecting {
+                timed_out: true,
+                ..
+            })
+        )
+    }
+
+    fn set(&self, stage: Stage) {
+        if let Some(tracked) = self.worker.connections.borrow_mut().get_mut(self.key) {
+            tracked.stage = stage;
+        }
+        // An abort that came while the connection was between stages must
+        // still reach the new socket.
+        if self.worker.phase.get() == Phase::Aborting {
+            self.worker.abort_all();
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.worker.connections.borrow_mut().try_remove(self.key);
+        self.worker.publish_active();
+    }
+}
+
+/// A warning said at most once a second, with how many were held back.
+#[derive(Default)]
+struct RateLimited {
+    last: Cell<Option<Instant>>,
+    suppressed: Cell<u64>,
+}
+
+impl RateLimited {
+    fn warn(&self, log: impl FnOnce(u64)) {
+        let now = Instant::now();
+        if self
+            .last
+            .get()
+            .is_some_and(|last| now - last < Duration::from_secs(1))
+        {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return;
+        }
+        self.last.set(Some(now));
+        log(self.suppressed.replace(0));
+    }
+}
