@@ -53,10 +53,22 @@ pub fn listener(
 /// A socket bound to the bypass source of `destination`'s family, ready to
 /// connect. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`,
 /// so the whole 4-tuple space is available rather than one port per bind.
-pub fn bypass_socket(destination: SocketAddr) -> io::Result<Socket> {
+///
+/// It is bound to `lo` and carries `mark`, whose policy route (`fwmark
+/// <mark> lookup <table>`, `local default dev lo`) is what lets a socket
+/// bound to `lo` reach the pod's own addresses (IPv6 matches the interface
+/// strictly, and the pod's address lives on its eth0). Bound to `lo`, the
+/// TIME_WAIT this socket leaves when sluice closes first (the client closed
+/// first) is reused for a new connection after a second, as loopback
+/// connections' are (`tcp_tw_reuse=2`): from `::6`, which is no loopback
+/// address, it would otherwise block its port for a minute, and a sustained
+/// connection rate would run out of ports.
+pub fn bypass_socket(destination: SocketAddr, mark: u32) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
     socket.set_tcp_nodelay(true)?;
     set_keepalive(&socket)?;
+    socket.set_mark(mark)?;
+    socket.bind_device(Some(b"lo"))?;
     bind_address_no_port(&socket)?;
     socket.bind(&SocketAddr::new(bypass_source(destination.ip()), 0).into())?;
     Ok(socket)

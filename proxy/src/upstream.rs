@@ -9,10 +9,11 @@ use tokio_uring::net::TcpStream;
 
 use crate::{linux, uring};
 
-/// The socket the connection to `destination` will be made from; its
-/// descriptor can be aborted (the connect timeout) while [`connect`] waits.
-pub fn socket(destination: SocketAddr) -> io::Result<Socket> {
-    linux::bypass_socket(destination)
+/// The socket the connection to `destination` will be made from, with the
+/// policy's `mark` (see [`linux::bypass_socket`]); its descriptor can be
+/// aborted (the connect timeout) while [`connect`] waits.
+pub fn socket(destination: SocketAddr, mark: u32) -> io::Result<Socket> {
+    linux::bypass_socket(destination, mark)
 }
 
 pub async fn connect(socket: Socket, destination: SocketAddr) -> io::Result<TcpStream> {

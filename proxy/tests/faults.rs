@@ -533,3 +533,60 @@ fn a_panicking_worker_takes_the_process_down_and_removes_the_rules() {
     let saved = String::from_utf8_lossy(&saved.stdout);
     assert!(!saved.contains("SLUICE"), "rules left behind:\n{saved}");
 }
+
+/// A sustained IPv6 connection rate through sluice, the clients closing
+/// first, so that sluice's upstream leg (from ::6) closes first and keeps
+/// the TIME_WAIT: more connections than the pod's port range holds, and not
+/// one fails. IPv4's 127.0.0.6 is loopback, whose TIME_WAITs the kernel
+/// reuses anyway; ::6 is not.
+#[test]
+fn ipv6_connection_rate_outlasts_the_port_range() {
+    const PORTS: u32 = 1000;
+    const CONNECTIONS: u32 = 3 * PORTS;
+    const CLIENTS: u32 = 4;
+    let topology = ClientPod::new("v6rate").expect("topology");
+    topology
+        .pod
+        .sysctl_set("net.ipv4.ip_local_port_range", "40000 40999")
+        .expect("narrow the pod's port range");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 4);
+    let _sluice = Sluice::run(&topology.pod, &["--ports", "9080", "--install-rules"]);
+    let started = Instant::now();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut failures = Vec::new();
+                    for _ in 0..CONNECTIONS / CLIENTS {
+                        let outcome = connect(&topology.client, pod_v6(PORT))
+                            .map(|stream| exchange(stream, b"x".to_vec()));
+                        match outcome {
+                            Ok(reply) if reply == [b"x".as_slice(), TRAILER].concat() => {}
+                            Ok(reply) => failures.push(format!("reply {reply:?}")),
+                            Err(error) => failures.push(error.to_string()),
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|client| client.join().expect("client thread"))
+            .collect()
+    });
+    eprintln!(
+        "{CONNECTIONS} IPv6 connections through a port range of {PORTS} in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        workload.via_sluice.load(Ordering::SeqCst),
+        u64::from(CONNECTIONS)
+    );
+}

@@ -78,6 +78,17 @@ fn dry_run_prints_the_exact_restore_input_and_changes_nothing() {
     assert_clean(&ns);
 }
 
+/// The first run of a new user: no flag at all, so every port (`*`), SYNs
+/// only, nothing arriving on lo.
+#[test]
+fn dry_run_of_the_defaults() {
+    let ns = Netns::new("drydef").expect("netns");
+    let output = sluice_cli(&ns, &["rules", "install", "--dry-run"]);
+    let golden = include_str!("golden/tproxy-default-dry-run.txt");
+    assert_eq!(ok(&output), golden);
+    assert_clean(&ns);
+}
+
 #[test]
 fn install_show_reinstall_remove() {
     let ns = Netns::new("rules").expect("netns");

@@ -44,12 +44,12 @@ impl Plan {
             Mode::Tproxy => Plan {
                 mode: policy.mode,
                 rule_sets: Family::BOTH.map(|f| tproxy::rule_set(policy, f)).to_vec(),
-                route: Some(tproxy::policy_route(policy)),
+                route: Some(policy_route(policy)),
             },
             Mode::Redirect => Plan {
                 mode: policy.mode,
                 rule_sets: Family::BOTH.map(|f| redirect::rule_set(policy, f)).to_vec(),
-                route: None,
+                route: Some(policy_route(policy)),
             },
             // The program is attached by `sluice run` (it needs the proxy's
             // listening sockets); all that is installed apart is the bypass.
@@ -168,6 +168,17 @@ impl Plan {
             routing,
             bypass_source: BypassSource::present()?,
         })
+    }
+}
+
+/// The policy route of the mark: TPROXY's intercepted packets take it to the
+/// local stack, and in every mode sluice's upstream sockets, which carry the
+/// mark and are bound to lo, reach the pod's addresses through it (see
+/// `linux::bypass_socket`).
+pub fn policy_route(policy: &Policy) -> PolicyRoute {
+    PolicyRoute {
+        mark: policy.mark,
+        table: policy.table,
     }
 }
 

@@ -32,7 +32,6 @@
 
 use crate::config::{Policy, Ports};
 use crate::intercept::rules::{Family, RuleSet};
-use crate::routing::PolicyRoute;
 
 const TABLE: &str = "mangle";
 const ENTRY: &str = "SLUICE_PREROUTING";
@@ -76,11 +75,4 @@ pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
     );
     set.push(DIVERT, "-j ACCEPT");
     set
-}
-
-pub fn policy_route(policy: &Policy) -> PolicyRoute {
-    PolicyRoute {
-        mark: policy.mark,
-        table: policy.table,
-    }
 }

@@ -2,14 +2,17 @@
 //! whether sluice may take it there, the connection to the workload (within
 //! the connect timeout), and the forwarding.
 
+use std::io;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
 use super::stats::{ConnectFailure, Refused};
-use super::worker::Worker;
+use super::worker::{Registration, Settings, Worker};
 use crate::forward::{self, End};
 use crate::linux;
 use crate::listener::{self, ClientAddr, OrigDst};
@@ -32,21 +35,9 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, Some(destination.addr), reason);
     }
 
-    let upstream = match upstream::socket(destination.addr) {
-        Ok(socket) => {
-            registration.connecting(&socket);
-            upstream::connect(socket, destination.addr).await
-        }
-        Err(error) => Err(error),
-    };
-    let upstream = match upstream {
+    let upstream = match connect(&registration, destination.addr, &settings).await {
         Ok(upstream) => upstream,
-        Err(error) => {
-            let failure = if registration.timed_out() {
-                ConnectFailure::Timeout
-            } else {
-                ConnectFailure::of(&error)
-            };
+        Err((failure, error)) => {
             worker.stats.connect_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
             debug!(client = %peer, %destination, %error, reason = failure.label(), "workload unreachable; connection reset");
             let _ = linux::reset_on_close(&client);
@@ -85,6 +76,45 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         }
     }
     debug!(client = %peer, %destination, up = forwarded.upstream.bytes, down = forwarded.downstream.bytes, "closed");
+}
+
+/// How long to wait before trying again a connect that found no free port.
+const PORT_RETRY: Duration = Duration::from_millis(20);
+
+/// Connects to the workload, within the connect timeout (the worker's sweep
+/// aborts a connect that takes longer). EADDRNOTAVAIL, no free source port
+/// for this destination right now (every one in a TIME_WAIT less than a
+/// second old, under a connection rate beyond the port range per second), is
+/// tried again until the timeout: a burst is slowed down, not failed.
+async fn connect(
+    registration: &Registration,
+    destination: SocketAddr,
+    settings: &Settings,
+) -> Result<TcpStream, (ConnectFailure, io::Error)> {
+    let started = Instant::now();
+    loop {
+        let attempt = match upstream::socket(destination, settings.mark) {
+            Ok(socket) => {
+                registration.connecting(&socket, started);
+                upstream::connect(socket, destination).await
+            }
+            Err(error) => Err(error),
+        };
+        let error = match attempt {
+            Ok(upstream) => return Ok(upstream),
+            Err(error) => error,
+        };
+        if registration.timed_out() {
+            return Err((ConnectFailure::Timeout, error));
+        }
+        // The socket is closed: the sweep must not abort its descriptor.
+        registration.waiting();
+        let no_port = error.raw_os_error() == Some(libc::EADDRNOTAVAIL);
+        if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
+            return Err((ConnectFailure::of(&error), error));
+        }
+        tokio::time::sleep(PORT_RETRY).await;
+    }
 }
 
 /// sluice only forwards to the namespace's own addresses: anything else

@@ -124,6 +124,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         proxy_port: policy.proxy_port,
         forwarding: forwarding.clone(),
         connect_timeout: options.connect_timeout,
+        mark: policy.mark,
         idle_timeout: (!options.idle_timeout.is_zero()).then_some(options.idle_timeout),
         max_connections: (max_connections as usize).div_ceil(options.workers),
         panic_after: std::env::var(PANIC_AFTER_ENV)
@@ -307,10 +308,10 @@ impl Control {
 }
 
 /// The sk_lookup program of `--mode ebpf`, attached for sluice's lifetime
-/// (unless pinned), with the IPv6 bypass source it needs.
+/// (unless pinned), with the routing its upstream connections need.
 struct AttachedProgram {
     _interceptor: ebpf::Interceptor,
-    added_bypass: bool,
+    _routing: Option<UpstreamRouting>,
 }
 
 impl AttachedProgram {
@@ -319,34 +320,64 @@ impl AttachedProgram {
         listeners: &Listeners,
         pin: Option<&Path>,
     ) -> Result<AttachedProgram, Error> {
-        let added_bypass = !BypassSource::present()?;
-        BypassSource::install()?;
+        let routing = UpstreamRouting::install(policy)?;
         let wanted = ebpf::EbpfPolicy::from_policy(policy);
         let (v4, v6) = (listeners.v4.as_fd(), listeners.v6.as_fd());
         let attached = match pin {
             Some(dir) => ebpf::Interceptor::attach_pinned(&wanted, v4, v6, dir),
             None => ebpf::Interceptor::attach(&wanted, v4, v6),
         };
-        match attached {
-            Ok(interceptor) => {
-                info!(link = interceptor.link_id(), pinned = ?pin, "sk_lookup program attached");
-                Ok(AttachedProgram {
-                    _interceptor: interceptor,
-                    added_bypass: added_bypass && pin.is_none(),
-                })
-            }
-            Err(error) => {
-                if added_bypass {
-                    let _ = BypassSource::remove();
-                }
-                Err(Error::Ebpf(error))
-            }
-        }
+        let interceptor = attached.map_err(Error::Ebpf)?;
+        info!(link = interceptor.link_id(), pinned = ?pin, "sk_lookup program attached");
+        Ok(AttachedProgram {
+            _interceptor: interceptor,
+            // A pinned program outlives sluice, and so must its routing.
+            _routing: if pin.is_some() {
+                routing.keep();
+                None
+            } else {
+                Some(routing)
+            },
+        })
     }
 }
 
-impl Drop for AttachedProgram {
+/// What sluice's upstream connections need in ebpf mode, where no rules
+/// install it: the `::6` bypass source and the policy route of the mark
+/// (see `linux::bypass_socket`). Removed when dropped, if sluice added it.
+struct UpstreamRouting {
+    route: routing::PolicyRoute,
+    added_bypass: bool,
+    added_route: bool,
+}
+
+impl UpstreamRouting {
+    fn install(policy: &Policy) -> Result<UpstreamRouting, Error> {
+        let route = intercept::policy_route(policy);
+        let routing = UpstreamRouting {
+            route,
+            added_bypass: !BypassSource::present()?,
+            added_route: route.read()?.empty(),
+        };
+        // From here on, Drop undoes what was added.
+        BypassSource::install()?;
+        route.install()?;
+        Ok(routing)
+    }
+
+    fn keep(mut self) {
+        self.added_bypass = false;
+        self.added_route = false;
+    }
+}
+
+impl Drop for UpstreamRouting {
     fn drop(&mut self) {
+        if self.added_route {
+            if let Err(error) = self.route.remove() {
+                warn!(%error, "could not remove the policy route; run `sluice rules remove`");
+            }
+        }
         if self.added_bypass {
             if let Err(error) = BypassSource::remove() {
                 warn!(%error, "could not remove ::6 from lo");

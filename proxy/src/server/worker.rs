@@ -46,6 +46,8 @@ pub struct Settings {
     pub proxy_port: u16,
     pub forwarding: Forwarding,
     pub connect_timeout: Duration,
+    /// The policy's mark, which sluice's upstream sockets carry.
+    pub mark: u32,
     /// `None`: connections may stay idle for ever.
     pub idle_timeout: Option<Duration>,
     /// This worker's share of `--max-connections`.
@@ -339,12 +341,18 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn connecting(&self, upstream: &impl AsRawFd) {
+    /// A connect to the workload, begun `since`, is under way on `upstream`.
+    pub fn connecting(&self, upstream: &impl AsRawFd, since: Instant) {
         self.set(Stage::Connecting {
             upstream: upstream.as_raw_fd(),
-            since: Instant::now(),
+            since,
             timed_out: false,
         });
+    }
+
+    /// Between two connect attempts: no upstream socket.
+    pub fn waiting(&self) {
+        self.set(Stage::Accepted);
     }
 
     pub fn forwarding(&self, upstream: &impl AsRawFd) {
