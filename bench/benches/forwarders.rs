@@ -229,6 +229,10 @@ fn forwarding(forwarder: Forwarder) -> Forwarding {
     }
 }
 
+/// The mark sluice's upstream sockets carry (sluice's default); the server
+/// is on loopback, which needs no policy route.
+const UPSTREAM_MARK: u32 = 1337;
+
 /// A sluice worker for one connection: accepts it, connects to `server`
 /// and forwards until both directions have ended.
 fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding) -> Forwarded {
@@ -238,7 +242,8 @@ fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         let (client, _) = listener.accept().await.expect("forwarder: accept");
         sluice::linux::set_nodelay(&client).expect("forwarder: TCP_NODELAY");
-        let socket = sluice::upstream::socket(server).expect("forwarder: upstream socket");
+        let socket =
+            sluice::upstream::socket(server, UPSTREAM_MARK).expect("forwarder: upstream socket");
         let upstream = sluice::upstream::connect(socket, server)
             .await
             .expect("forwarder: connect to the server");
