@@ -439,3 +439,16 @@ pub fn wait_signal(
         .map(Some)
         .map_err(io::Error::from)
 }
+
+/// Whether IPv6 can be used in this network namespace: the kernel has it
+/// (an `AF_INET6` socket can be made) and it is not disabled
+/// (`net.ipv6.conf.all.disable_ipv6`, as in an IPv4-only pod). A pod with
+/// IPv6 disabled can still make IPv6 sockets, but cannot give `lo` the
+/// `::6` bypass source nor reach anything over IPv6.
+pub fn ipv6_enabled() -> bool {
+    if Socket::new(Domain::IPV6, Type::STREAM, None).is_err() {
+        return false;
+    }
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map_or(true, |value| value.trim() != "1")
+}

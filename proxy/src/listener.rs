@@ -57,28 +57,34 @@ pub enum Error {
     },
 }
 
-/// One listening socket per family, shared by every worker thread.
+/// One listening socket per family, shared by every worker thread. No IPv6
+/// listener on a kernel without IPv6; a namespace that only has IPv6
+/// disabled still gets one (it can bind, and simply receives nothing).
 pub struct Listeners {
     pub v4: std::net::TcpListener,
-    pub v6: std::net::TcpListener,
+    pub v6: Option<std::net::TcpListener>,
 }
 
 const BACKLOG: i32 = 4096;
 
 impl Listeners {
     pub fn bind(mode: Mode, port: u16) -> Result<Listeners, Error> {
-        match mode {
-            Mode::Tproxy => Ok(Listeners {
-                v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), true)?,
-                v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), true)?,
-            }),
-            // sk_lookup hands connections to any listening socket of the
-            // right family, whatever it is bound to.
-            Mode::Redirect | Mode::Ebpf => Ok(Listeners {
-                v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), false)?,
-                v6: listen((Ipv6Addr::UNSPECIFIED, port).into(), false)?,
-            }),
-        }
+        // sk_lookup hands connections to any listening socket of the right
+        // family, whatever it is bound to; only TPROXY needs transparency.
+        let transparent = mode == Mode::Tproxy;
+        let v6 = match listen((Ipv6Addr::UNSPECIFIED, port).into(), transparent) {
+            Ok(listener) => Some(listener),
+            Err(Error::Other { source, .. })
+                if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+            {
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(Listeners {
+            v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), transparent)?,
+            v6,
+        })
     }
 }
 

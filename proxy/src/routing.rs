@@ -41,6 +41,9 @@ pub enum Error {
 pub struct PolicyRoute {
     pub mark: u32,
     pub table: u32,
+    /// Whether the IPv6 half belongs to it: not in a namespace with IPv6
+    /// disabled (see `linux::ipv6_enabled`).
+    pub ipv6: bool,
 }
 
 /// What of a [`PolicyRoute`] is present in the namespace.
@@ -50,15 +53,17 @@ pub struct RoutingState {
     pub rule_v6: bool,
     pub local_route_v4: bool,
     pub local_route_v6: bool,
+    /// Whether the IPv6 half was asked for.
+    pub ipv6: bool,
 }
 
 impl RoutingState {
     pub fn complete(&self) -> bool {
-        self.rule_v4 && self.rule_v6 && self.local_route_v4 && self.local_route_v6
+        self.rule_v4 && self.local_route_v4 && (!self.ipv6 || self.rule_v6 && self.local_route_v6)
     }
 
     pub fn empty(&self) -> bool {
-        *self == RoutingState::default()
+        !(self.rule_v4 || self.rule_v6 || self.local_route_v4 || self.local_route_v6)
     }
 }
 
@@ -66,13 +71,18 @@ impl PolicyRoute {
     /// The lines `ip rule` / `ip route` would show for this policy, for
     /// `--dry-run` and `rules show`.
     pub fn describe(&self) -> Vec<String> {
-        let PolicyRoute { mark, table } = *self;
-        vec![
-            format!("ip -4 rule add fwmark {mark} lookup {table}"),
-            format!("ip -6 rule add fwmark {mark} lookup {table}"),
-            format!("ip -4 route add local 0.0.0.0/0 dev lo table {table}"),
-            format!("ip -6 route add local ::/0 dev lo table {table}"),
-        ]
+        let PolicyRoute { mark, table, ipv6 } = *self;
+        let mut lines = vec![format!("ip -4 rule add fwmark {mark} lookup {table}")];
+        if ipv6 {
+            lines.push(format!("ip -6 rule add fwmark {mark} lookup {table}"));
+        }
+        lines.push(format!(
+            "ip -4 route add local 0.0.0.0/0 dev lo table {table}"
+        ));
+        if ipv6 {
+            lines.push(format!("ip -6 route add local ::/0 dev lo table {table}"));
+        }
+        lines
     }
 
     /// Installs whatever part is missing; installing twice leaves one copy.
@@ -83,10 +93,10 @@ impl PolicyRoute {
             if !state.rule_v4 {
                 policy.add_rule(&handle, IpVersion::V4).await?;
             }
-            if !state.rule_v6 {
+            if policy.ipv6 && !state.rule_v6 {
                 policy.add_rule(&handle, IpVersion::V6).await?;
             }
-            for version in [IpVersion::V4, IpVersion::V6] {
+            for version in policy.versions() {
                 policy.add_local_route(&handle, version).await?;
             }
             Ok(())
@@ -98,7 +108,7 @@ impl PolicyRoute {
     pub fn remove(&self) -> Result<(), Error> {
         let policy = *self;
         with_netlink(move |handle| async move {
-            for version in [IpVersion::V4, IpVersion::V6] {
+            for version in policy.versions() {
                 for rule in policy.matching_rules(&handle, version).await? {
                     let del = handle.rule().del(rule).execute().await;
                     ignore_errno(del, ENOENT).map_err(netlink("delete the fwmark rule"))?;
@@ -123,12 +133,23 @@ impl PolicyRoute {
         let is_v4 = |r: &&RouteMessage| {
             r.header.address_family == rtnetlink::packet_route::AddressFamily::Inet
         };
+        let rule_v6 = self.ipv6 && !self.matching_rules(handle, IpVersion::V6).await?.is_empty();
         Ok(RoutingState {
             rule_v4: !self.matching_rules(handle, IpVersion::V4).await?.is_empty(),
-            rule_v6: !self.matching_rules(handle, IpVersion::V6).await?.is_empty(),
+            rule_v6,
             local_route_v4: routes.iter().any(|r| is_v4(&r)),
             local_route_v6: routes.iter().any(|r| !is_v4(&r)),
+            ipv6: self.ipv6,
         })
+    }
+
+    /// The IP versions this policy covers.
+    fn versions(&self) -> Vec<IpVersion> {
+        if self.ipv6 {
+            vec![IpVersion::V4, IpVersion::V6]
+        } else {
+            vec![IpVersion::V4]
+        }
     }
 
     async fn add_rule(&self, handle: &Handle, version: IpVersion) -> Result<(), Error> {
@@ -212,10 +233,10 @@ impl PolicyRoute {
         let mut found = Vec::new();
         // Without NETLINK_GET_STRICT_CHK the kernel dumps every route of the
         // family; the message only chooses the family.
-        let families = [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ];
+        let mut families = vec![RouteMessageBuilder::<Ipv4Addr>::new().build()];
+        if self.ipv6 {
+            families.push(RouteMessageBuilder::<Ipv6Addr>::new().build());
+        }
         for filter in families {
             let routes: Vec<RouteMessage> = handle
                 .route()

@@ -590,3 +590,49 @@ fn ipv6_connection_rate_outlasts_the_port_range() {
         u64::from(CONNECTIONS)
     );
 }
+
+/// An IPv4-only pod (IPv6 disabled in its namespace): sluice runs v4-only,
+/// says so, installs what IPv4 needs (`rules show` agrees), and forwards.
+fn ipv4_only_pod(mode: &str) {
+    let topology = ClientPod::new(&format!("v4only{mode}")).expect("topology");
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6",
+        "net.ipv6.conf.default.disable_ipv6",
+    ] {
+        topology
+            .pod
+            .sysctl_set(key, "1")
+            .expect("disable IPv6 in the pod");
+    }
+    let workload = Workload::start_v4(&topology.pod, PORT, Behaviour::Echo, 1);
+    let mut args = vec!["--mode", mode];
+    if mode != "ebpf" {
+        args.push("--install-rules");
+    }
+    let sluice = Sluice::run(&topology.pod, &args);
+    let ready = sluice.wait_for_log(&["sluice ready"]);
+    assert!(ready.contains("IPv6 disabled"), "{ready}");
+    let stream = connect(&topology.client, pod_v4(PORT)).expect("connect through sluice");
+    assert_eq!(
+        exchange(stream, b"v4 only".to_vec()),
+        [b"v4 only".as_slice(), TRAILER].concat()
+    );
+    assert_eq!(workload.via_sluice.load(Ordering::SeqCst), 1);
+    if mode != "ebpf" {
+        let shown = sluice_cli(&topology.pod, &["rules", "show", "--mode", mode]);
+        let text = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.status.success(), "{text}");
+        assert!(text.contains("IPv4 only"), "{text}");
+    }
+    sluice.stop();
+}
+
+#[test]
+fn ipv4_only_pod_tproxy() {
+    ipv4_only_pod("tproxy");
+}
+
+#[test]
+fn ipv4_only_pod_ebpf() {
+    ipv4_only_pod("ebpf");
+}

@@ -38,6 +38,7 @@ fn routing(ns: &Netns) -> RoutingState {
         PolicyRoute {
             mark: 1337,
             table: 133,
+            ipv6: true,
         }
         .read()
     })

@@ -36,27 +36,44 @@ pub struct Plan {
     pub mode: Mode,
     pub rule_sets: Vec<RuleSet>,
     pub route: Option<PolicyRoute>,
+    /// IPv6 is part of the plan unless the namespace has it disabled.
+    pub ipv6: bool,
 }
 
 impl Plan {
+    /// The plan for the calling thread's namespace.
     pub fn new(policy: &Policy) -> Plan {
+        Plan::for_families(policy, linux::ipv6_enabled())
+    }
+
+    pub fn for_families(policy: &Policy, ipv6: bool) -> Plan {
+        let families: &[Family] = if ipv6 { &Family::BOTH } else { &[Family::V4] };
         match policy.mode {
             Mode::Tproxy => Plan {
                 mode: policy.mode,
-                rule_sets: Family::BOTH.map(|f| tproxy::rule_set(policy, f)).to_vec(),
-                route: Some(policy_route(policy)),
+                rule_sets: families
+                    .iter()
+                    .map(|&f| tproxy::rule_set(policy, f))
+                    .collect(),
+                route: Some(policy_route(policy, ipv6)),
+                ipv6,
             },
             Mode::Redirect => Plan {
                 mode: policy.mode,
-                rule_sets: Family::BOTH.map(|f| redirect::rule_set(policy, f)).to_vec(),
-                route: Some(policy_route(policy)),
+                rule_sets: families
+                    .iter()
+                    .map(|&f| redirect::rule_set(policy, f))
+                    .collect(),
+                route: Some(policy_route(policy, ipv6)),
+                ipv6,
             },
             // The program is attached by `sluice run` (it needs the proxy's
-            // listening sockets); all that is installed apart is the bypass.
+            // listening sockets), with the routing it needs.
             Mode::Ebpf => Plan {
                 mode: policy.mode,
                 rule_sets: Vec::new(),
                 route: None,
+                ipv6,
             },
         }
     }
@@ -80,9 +97,11 @@ impl Plan {
                 out.push('\n');
             }
         }
-        out += "# bypass source of sluice's upstream connections (rtnetlink)\n";
-        out += &BypassSource::describe();
-        out.push('\n');
+        if self.ipv6 {
+            out += "# bypass source of sluice's upstream connections (rtnetlink)\n";
+            out += &BypassSource::describe();
+            out.push('\n');
+        }
         out
     }
 
@@ -101,7 +120,9 @@ impl Plan {
             if let Some(route) = &self.route {
                 let _ = route.remove();
             }
-            let _ = BypassSource::remove();
+            if self.ipv6 {
+                let _ = BypassSource::remove();
+            }
         }
         result
     }
@@ -119,7 +140,9 @@ impl Plan {
         if let Some(route) = &self.route {
             route.install()?;
         }
-        BypassSource::install()?;
+        if self.ipv6 {
+            BypassSource::install()?;
+        }
         Ok(())
     }
 
@@ -139,12 +162,19 @@ impl Plan {
         if let Some(route) = &self.route {
             route.remove()?;
         }
-        BypassSource::remove()?;
+        if self.ipv6 {
+            BypassSource::remove()?;
+        }
         Ok(())
     }
 
     fn remove_rules(&self) -> Result<(), Error> {
-        for family in Family::BOTH {
+        let families: &[Family] = if self.ipv6 {
+            &Family::BOTH
+        } else {
+            &[Family::V4]
+        };
+        for &family in families {
             for table in TABLES {
                 remove_rules(family, table)?;
             }
@@ -166,7 +196,7 @@ impl Plan {
             wanted: self.clone(),
             installed,
             routing,
-            bypass_source: BypassSource::present()?,
+            bypass_source: self.ipv6 && BypassSource::present()?,
         })
     }
 }
@@ -175,10 +205,11 @@ impl Plan {
 /// local stack, and in every mode sluice's upstream sockets, which carry the
 /// mark and are bound to lo, reach the pod's addresses through it (see
 /// `linux::bypass_socket`).
-pub fn policy_route(policy: &Policy) -> PolicyRoute {
+pub fn policy_route(policy: &Policy, ipv6: bool) -> PolicyRoute {
     PolicyRoute {
         mark: policy.mark,
         table: policy.table,
+        ipv6,
     }
 }
 
@@ -232,7 +263,7 @@ impl Status {
     pub fn matches(&self) -> bool {
         self.installed == self.wanted.rule_sets
             && self.routing.is_none_or(|r| r.complete())
-            && self.bypass_source
+            && (self.bypass_source || !self.wanted.ipv6)
     }
 }
 
@@ -265,16 +296,24 @@ impl std::fmt::Display for Status {
             writeln!(f, "# policy routing")?;
             let present = |yes: bool| if yes { "present" } else { "missing" };
             writeln!(f, "fwmark rule v4: {}", present(state.rule_v4))?;
-            writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;
+            if state.ipv6 {
+                writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;
+            }
             writeln!(f, "local route v4: {}", present(state.local_route_v4))?;
-            writeln!(f, "local route v6: {}", present(state.local_route_v6))?;
+            if state.ipv6 {
+                writeln!(f, "local route v6: {}", present(state.local_route_v6))?;
+            }
         }
-        let present = if self.bypass_source {
-            "present"
+        if self.wanted.ipv6 {
+            let present = if self.bypass_source {
+                "present"
+            } else {
+                "missing"
+            };
+            writeln!(f, "bypass source ::6 on lo: {present}")?;
         } else {
-            "missing"
-        };
-        writeln!(f, "bypass source ::6 on lo: {present}")?;
+            writeln!(f, "IPv6: disabled in this namespace; IPv4 only")?;
+        }
         let verdict = if self.nothing_installed() {
             "not installed"
         } else if self.matches() {

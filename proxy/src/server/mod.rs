@@ -58,6 +58,10 @@ pub enum Error {
     IoUring(#[source] io::Error),
     #[error("cannot wait for SIGINT/SIGTERM")]
     Signals(#[source] io::Error),
+    #[error(
+        "ebpf mode needs an IPv6 listening socket, and this kernel has no IPv6: use --mode tproxy"
+    )]
+    NoIpv6Listener,
     #[error("a worker thread {0}; sluice stops so that it can be restarted (see the log above)")]
     WorkerDied(&'static str),
 }
@@ -100,9 +104,10 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
 
     let max_connections = max_connections(&options);
     let policy = options.policy;
+    let ipv6 = linux::ipv6_enabled();
     let listeners = Listeners::bind(policy.mode, policy.proxy_port)?;
     let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
-        Some(InstalledRules::install(Plan::new(&policy))?)
+        Some(InstalledRules::install(Plan::for_families(&policy, ipv6))?)
     } else {
         None
     };
@@ -111,6 +116,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let _program = match policy.mode {
         Mode::Ebpf => Some(AttachedProgram::attach(
             &policy,
+            ipv6,
             &listeners,
             options.pin.as_deref(),
         )?),
@@ -136,10 +142,11 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let (started_tx, started_rx) = mpsc::channel();
     let mut stats = Vec::new();
     for index in 0..options.workers {
-        let listeners = vec![
-            listeners.v4.try_clone().map_err(Error::Worker)?,
-            listeners.v6.try_clone().map_err(Error::Worker)?,
-        ];
+        let listeners = std::iter::once(&listeners.v4)
+            .chain(&listeners.v6)
+            .map(std::net::TcpListener::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(Error::Worker)?;
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(worker_stats.clone());
         let worker = Worker::new(settings.clone(), worker_stats);
@@ -164,6 +171,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         forward = ?forwarding.forwarder(),
         port = policy.proxy_port,
         workers = options.workers,
+        families = if ipv6 { "v4,v6" } else { "v4 (IPv6 disabled here)" },
         max_connections,
         rules = options.install_rules,
         "sluice ready"
@@ -317,12 +325,14 @@ struct AttachedProgram {
 impl AttachedProgram {
     fn attach(
         policy: &Policy,
+        ipv6: bool,
         listeners: &Listeners,
         pin: Option<&Path>,
     ) -> Result<AttachedProgram, Error> {
-        let routing = UpstreamRouting::install(policy)?;
+        let v6 = listeners.v6.as_ref().ok_or(Error::NoIpv6Listener)?;
+        let routing = UpstreamRouting::install(policy, ipv6)?;
         let wanted = ebpf::EbpfPolicy::from_policy(policy);
-        let (v4, v6) = (listeners.v4.as_fd(), listeners.v6.as_fd());
+        let (v4, v6) = (listeners.v4.as_fd(), v6.as_fd());
         let attached = match pin {
             Some(dir) => ebpf::Interceptor::attach_pinned(&wanted, v4, v6, dir),
             None => ebpf::Interceptor::attach(&wanted, v4, v6),
@@ -352,15 +362,17 @@ struct UpstreamRouting {
 }
 
 impl UpstreamRouting {
-    fn install(policy: &Policy) -> Result<UpstreamRouting, Error> {
-        let route = intercept::policy_route(policy);
+    fn install(policy: &Policy, ipv6: bool) -> Result<UpstreamRouting, Error> {
+        let route = intercept::policy_route(policy, ipv6);
         let routing = UpstreamRouting {
             route,
-            added_bypass: !BypassSource::present()?,
+            added_bypass: ipv6 && !BypassSource::present()?,
             added_route: route.read()?.empty(),
         };
         // From here on, Drop undoes what was added.
-        BypassSource::install()?;
+        if ipv6 {
+            BypassSource::install()?;
+        }
         route.install()?;
         Ok(routing)
     }

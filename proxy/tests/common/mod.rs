@@ -79,9 +79,18 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(pod: &Netns, port: u16, behaviour: Behaviour, threads: usize) -> Workload {
+        Workload::on(pod, &[pod_v4(port), pod_v6(port)], behaviour, threads)
+    }
+
+    /// A workload on the pod's IPv4 address only (an IPv4-only pod).
+    pub fn start_v4(pod: &Netns, port: u16, behaviour: Behaviour, threads: usize) -> Workload {
+        Workload::on(pod, &[pod_v4(port)], behaviour, threads)
+    }
+
+    fn on(pod: &Netns, addrs: &[SocketAddr], behaviour: Behaviour, threads: usize) -> Workload {
         let listeners: Vec<TcpListener> = pod.run(|| {
-            [pod_v4(port), pod_v6(port)]
-                .into_iter()
+            addrs
+                .iter()
                 .map(|addr| TcpListener::bind(addr).expect("workload bind in pod ns"))
                 .collect()
         });

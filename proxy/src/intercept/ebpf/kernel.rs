@@ -79,17 +79,12 @@ pub(super) fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<LinkRecord>> {
             return Err(err);
         }
         id = next;
-        // SAFETY: plain syscall wrapper.
-        let fd = unsafe { libbpf_sys::bpf_link_get_fd_by_id(id) };
-        if fd < 0 {
+        let fd = match link_fd(id) {
+            Ok(fd) => fd,
             // The link went away between the two calls.
-            if -fd == libc::ENOENT {
-                continue;
-            }
-            return Err(io::Error::from_raw_os_error(-fd));
-        }
-        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(error) => return Err(error),
+        };
         let info = LinkInfo::from_fd(fd.as_fd()).map_err(io::Error::other)?;
         if let LinkTypeInfo::NetNs(netns) = &info.info {
             let sk_lookup = matches!(netns.attach_type, ProgramAttachType::SkLookup);
@@ -102,6 +97,26 @@ pub(super) fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<LinkRecord>> {
         }
     }
     Ok(found)
+}
+
+/// A descriptor of link `id`. EAGAIN means the link is being made this very
+/// moment (the kernel gives it an id before it is settled), by another
+/// process attaching at the same time: it settles within microseconds.
+fn link_fd(id: u32) -> io::Result<OwnedFd> {
+    for _ in 0..100 {
+        // SAFETY: plain syscall wrapper.
+        let fd = unsafe { libbpf_sys::bpf_link_get_fd_by_id(id) };
+        if fd >= 0 {
+            // SAFETY: the kernel just gave us this descriptor; nothing else
+            // owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        if -fd != libc::EAGAIN {
+            return Err(io::Error::from_raw_os_error(-fd));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
 /// A loaded program's name and the ids of the maps it uses.
