@@ -636,3 +636,46 @@ fn ipv4_only_pod_tproxy() {
 fn ipv4_only_pod_ebpf() {
     ipv4_only_pod("ebpf");
 }
+
+/// 256 KiB pipes, as the splice forwarder asks, beyond what
+/// `fs.pipe-user-pages-soft` lets a user without CAP_SYS_RESOURCE have
+/// (16384 pages: 256 such pipes): the kernel then refuses the size (EPERM),
+/// and the pipe must still be made, at its default size, rather than fail
+/// (which would reset the connection). Run as an unprivileged user, in a
+/// process of its own: the test binary runs its ignored half below.
+#[test]
+fn splice_pipes_beyond_the_user_limit_fall_back_to_the_default_size() {
+    let exe = std::env::current_exe().expect("the test binary");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(exe)
+        .args(["--exact", "unprivileged_pipes", "--ignored", "--nocapture"])
+        .env("SLUICE_UNPRIVILEGED_PIPES", "1")
+        .output()
+        .expect("run setpriv");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("pipes at the default size"), "{stdout}");
+}
+
+#[test]
+#[ignore = "the unprivileged half of splice_pipes_beyond_the_user_limit_fall_back_to_the_default_size"]
+fn unprivileged_pipes() {
+    const SIZE: usize = 256 * 1024;
+    assert!(
+        std::env::var_os("SLUICE_UNPRIVILEGED_PIPES").is_some(),
+        "run by its parent test only"
+    );
+    let pipes: Vec<sluice::linux::Pipe> = (0..400)
+        .map(|i| sluice::linux::Pipe::new(SIZE).unwrap_or_else(|e| panic!("pipe {i}: {e}")))
+        .collect();
+    let small = pipes.iter().filter(|p| p.capacity() < SIZE).count();
+    println!("400 pipes made, {small} pipes at the default size");
+    assert!(small > 0, "the user limit was never reached");
+    assert!(pipes.iter().all(|p| p.capacity() >= 4096));
+}
