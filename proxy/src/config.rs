@@ -88,10 +88,33 @@ pub struct RunArgs {
     /// they are reset; new connections are refused meanwhile.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Where sluice's connection to the workload comes from: the client's own
+    /// address (the workload sees who connected), or 127.0.0.6 / ::6.
+    #[arg(long, value_enum, default_value_t = UpstreamSource::Client)]
+    pub upstream_source: UpstreamSource,
+    /// With `--upstream-source client`: the source ports of sluice's
+    /// connections to the workload. Keep it apart from the ports clients
+    /// connect from (Linux picks 32768-60999, Windows 49152-65535).
+    #[arg(long, default_value = "1024-32767", value_parser = parse_port_range)]
+    pub upstream_ports: (u16, u16),
     /// Connections forwarded at once; beyond it, new ones are reset
     /// [default: what the descriptor limit (RLIMIT_NOFILE) holds].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
+}
+
+/// `LOW-HIGH`, a range of ports.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("'{text}' is not a port range; write e.g. 1024-32767"))?;
+    let (low, high) = (parse_port(low)?, parse_port(high)?);
+    if low > high {
+        return Err(format!(
+            "'{text}': the first port must not be above the second"
+        ));
+    }
+    Ok((low, high))
 }
 
 /// A duration such as `10s`, `1m30s`, `250ms`, or `0`.
@@ -121,6 +144,16 @@ pub enum Forwarder {
     /// the kernel. Falls back to copy, with one log line, where the kernel
     /// refuses (no CAP_BPF/CAP_NET_ADMIN, old kernel).
     Sockmap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamSource {
+    /// The client's own address (IP_TRANSPARENT): the workload's
+    /// getpeername() is the client. No conntrack entry.
+    Client,
+    /// 127.0.0.6 / ::6 (Istio's convention): every connection reaches the
+    /// workload from one address.
+    Bypass,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -172,6 +205,15 @@ pub struct PolicyArgs {
     pub table: u32,
 }
 
+impl Policy {
+    /// The mark of sluice's listening sockets, which their accepted sockets
+    /// take: any non-zero value but the policy's mark (see
+    /// `linux::listener`).
+    pub fn listener_mark(&self) -> u32 {
+        self.mark + 1
+    }
+}
+
 /// Which destination ports are intercepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ports {
@@ -201,6 +243,8 @@ pub struct Policy {
 pub enum ConfigError {
     #[error("--mark must not be 0: a zero mark matches every unmarked packet")]
     ZeroMark,
+    #[error("--mark must be below 4294967295: sluice's listeners carry the mark plus one")]
+    MaxMark,
     #[error(
         "--table {0} is reserved (0 unspec, 253 default, 254 main, 255 local): pick another, e.g. 133"
     )]
@@ -213,6 +257,9 @@ impl PolicyArgs {
     pub fn validate(&self) -> Result<Policy, ConfigError> {
         if self.mark == 0 {
             return Err(ConfigError::ZeroMark);
+        }
+        if self.mark == u32::MAX {
+            return Err(ConfigError::MaxMark);
         }
         if matches!(self.table, 0 | 253..=255) {
             return Err(ConfigError::ReservedTable(self.table));

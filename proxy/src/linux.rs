@@ -31,13 +31,19 @@ pub fn bypass_source(family_of: IpAddr) -> IpAddr {
 /// A listening socket; with `transparent`, `IP_TRANSPARENT` lets TPROXY hand
 /// it connections addressed to any local or non-local destination.
 /// IPv6 listeners are v6-only: IPv4 has its own listener.
+///
+/// The listener carries `mark`, which its accepted sockets take instead of
+/// the SYN's (with `tcp_fwmark_accept`, an intercepted SYN's mark would
+/// send their replies into the policy route's local table).
 pub fn listener(
     addr: SocketAddr,
     transparent: bool,
+    mark: u32,
     backlog: i32,
 ) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_mark(mark)?;
     match addr {
         SocketAddr::V4(_) => socket.set_ip_transparent_v4(transparent)?,
         SocketAddr::V6(_) => {
@@ -50,28 +56,48 @@ pub fn listener(
     Ok(socket.into())
 }
 
-/// A socket bound to the bypass source of `destination`'s family, ready to
-/// connect. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`,
-/// so the whole 4-tuple space is available rather than one port per bind.
+/// A socket for sluice's connection to the workload at `destination`, not
+/// bound yet ([`bind_bypass`], [`bind_transparent`]).
 ///
-/// It is bound to `lo` and carries `mark`, whose policy route (`fwmark
+/// It carries `mark` and is bound to `lo`. The mark's policy route (`fwmark
 /// <mark> lookup <table>`, `local default dev lo`) is what lets a socket
 /// bound to `lo` reach the pod's own addresses (IPv6 matches the interface
-/// strictly, and the pod's address lives on its eth0). Bound to `lo`, the
-/// TIME_WAIT this socket leaves when sluice closes first (the client closed
-/// first) is reused for a new connection after a second, as loopback
-/// connections' are (`tcp_tw_reuse=2`): from `::6`, which is no loopback
-/// address, it would otherwise block its port for a minute, and a sustained
-/// connection rate would run out of ports.
-pub fn bypass_socket(destination: SocketAddr, mark: u32) -> io::Result<Socket> {
+/// strictly, and the pod's address lives on its eth0); the workload's side
+/// takes the mark (`tcp_fwmark_accept`), so its replies to a client's
+/// address take the same route back. Bound to `lo`, the TIME_WAIT this
+/// socket leaves when sluice closes first (the client closed first) is
+/// reused after a second, as loopback connections' are (`tcp_tw_reuse=2`):
+/// from `::6` or a client's address, which are no loopback addresses, it
+/// would otherwise block its port for a minute, and a sustained connection
+/// rate would run out of ports.
+pub fn upstream_socket(destination: SocketAddr, mark: u32) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
     socket.set_tcp_nodelay(true)?;
     set_keepalive(&socket)?;
     socket.set_mark(mark)?;
     socket.bind_device(Some(b"lo"))?;
-    bind_address_no_port(&socket)?;
-    socket.bind(&SocketAddr::new(bypass_source(destination.ip()), 0).into())?;
     Ok(socket)
+}
+
+/// Binds an upstream socket to the bypass source of `destination`'s family.
+/// `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`, so the
+/// whole 4-tuple space is available rather than one port per bind.
+pub fn bind_bypass(socket: &Socket, destination: SocketAddr) -> io::Result<()> {
+    bind_address_no_port(socket)?;
+    socket.bind(&SocketAddr::new(bypass_source(destination.ip()), 0).into())
+}
+
+/// Binds an upstream socket to `source`, an address this namespace does
+/// not own (a client's): `IP_TRANSPARENT`. `SO_REUSEADDR` lets it take a
+/// port whose last connection is in TIME_WAIT; `connect()` then decides
+/// whether the TIME_WAIT can be reused.
+pub fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
+    match source {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())
 }
 
 /// `getsockname()`: on a socket accepted through TPROXY (or sk_lookup) this

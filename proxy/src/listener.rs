@@ -68,11 +68,12 @@ pub struct Listeners {
 const BACKLOG: i32 = 4096;
 
 impl Listeners {
-    pub fn bind(mode: Mode, port: u16) -> Result<Listeners, Error> {
+    /// `mark`: see `linux::listener`.
+    pub fn bind(mode: Mode, port: u16, mark: u32) -> Result<Listeners, Error> {
         // sk_lookup hands connections to any listening socket of the right
         // family, whatever it is bound to; only TPROXY needs transparency.
         let transparent = mode == Mode::Tproxy;
-        let v6 = match listen((Ipv6Addr::UNSPECIFIED, port).into(), transparent) {
+        let v6 = match listen((Ipv6Addr::UNSPECIFIED, port).into(), transparent, mark) {
             Ok(listener) => Some(listener),
             Err(Error::Other { source, .. })
                 if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
@@ -82,7 +83,7 @@ impl Listeners {
             Err(error) => return Err(error),
         };
         Ok(Listeners {
-            v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), transparent)?,
+            v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), transparent, mark)?,
             v6,
         })
     }
@@ -94,11 +95,11 @@ impl Listeners {
 /// container restart binds at once.
 const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 
-fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, Error> {
+fn listen(addr: SocketAddr, transparent: bool, mark: u32) -> Result<std::net::TcpListener, Error> {
     let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
     let deadline = Instant::now() + PORT_RELEASE_WAIT;
     loop {
-        let error = match linux::listener(addr, transparent, BACKLOG) {
+        let error = match linux::listener(addr, transparent, mark, BACKLOG) {
             Ok(listener) => {
                 // Accepted sockets inherit it: no call per connection.
                 linux::set_keepalive(&listener).map_err(|source| Error::Other { addr, source })?;

@@ -2,10 +2,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::config::{Cli, Command, Mode, RulesAction};
+use sluice::config::{Cli, Command, Mode, RulesAction, UpstreamSource};
 use sluice::intercept::ebpf;
 use sluice::intercept::Plan;
 use sluice::server::{self, RunOptions};
+use sluice::upstream;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -42,6 +43,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 idle_timeout: args.idle_timeout,
                 drain_timeout: args.drain_timeout,
                 max_connections: args.max_connections,
+                upstream_source: match args.upstream_source {
+                    UpstreamSource::Client => upstream::Source::Client {
+                        ports: args.upstream_ports,
+                    },
+                    UpstreamSource::Bypass => upstream::Source::Bypass,
+                },
             })
             .context("sluice run")?;
             Ok(ExitCode::SUCCESS)

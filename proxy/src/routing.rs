@@ -11,7 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::{Future, TryStreamExt};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
+use rtnetlink::packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
@@ -28,6 +30,8 @@ const EADDRNOTAVAIL: i32 = 99;
 pub enum Error {
     #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
+    #[error("cannot read or set net.ipv4.tcp_fwmark_accept in this namespace")]
+    Sysctl(#[source] std::io::Error),
     #[error("netlink refused to {what}")]
     Netlink {
         what: String,
@@ -55,16 +59,45 @@ pub struct RoutingState {
     pub local_route_v6: bool,
     /// Whether the IPv6 half was asked for.
     pub ipv6: bool,
+    /// `net.ipv4.tcp_fwmark_accept` is on (it covers IPv6 too).
+    pub fwmark_accept: bool,
 }
 
 impl RoutingState {
     pub fn complete(&self) -> bool {
-        self.rule_v4 && self.local_route_v4 && (!self.ipv6 || self.rule_v6 && self.local_route_v6)
+        self.rule_v4
+            && self.local_route_v4
+            && (!self.ipv6 || self.rule_v6 && self.local_route_v6)
+            && self.fwmark_accept
     }
 
+    /// No rule or route of the policy (the sysctl may be on for others).
     pub fn empty(&self) -> bool {
         !(self.rule_v4 || self.rule_v6 || self.local_route_v4 || self.local_route_v6)
     }
+}
+
+/// `net.ipv4.tcp_fwmark_accept`: an accepted socket takes the mark of the
+/// SYN that made it (unless its listener has a mark of its own). sluice's
+/// upstream connections carry the policy's mark, so the workload's side of
+/// them takes it, and its replies follow the policy route back to sluice:
+/// how they find sluice's transparent socket when it connects from the
+/// client's own address, with no conntrack entry.
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// The protocol number sluice's IPv4 fwmark rule carries when sluice itself
+/// turned `tcp_fwmark_accept` on: `rules remove` (another process, perhaps
+/// another container of the pod) then turns it off again, and only then.
+/// Recorded in the namespace, beside what it explains.
+const FWMARK_ACCEPT_SET_BY_SLUICE: u8 = 0x53;
+
+fn fwmark_accept() -> Result<bool, Error> {
+    let value = std::fs::read_to_string(FWMARK_ACCEPT).map_err(Error::Sysctl)?;
+    Ok(value.trim() != "0")
+}
+
+fn set_fwmark_accept(on: bool) -> Result<(), Error> {
+    std::fs::write(FWMARK_ACCEPT, if on { "1" } else { "0" }).map_err(Error::Sysctl)
 }
 
 impl PolicyRoute {
@@ -72,7 +105,10 @@ impl PolicyRoute {
     /// `--dry-run` and `rules show`.
     pub fn describe(&self) -> Vec<String> {
         let PolicyRoute { mark, table, ipv6 } = *self;
-        let mut lines = vec![format!("ip -4 rule add fwmark {mark} lookup {table}")];
+        let mut lines = vec![
+            "sysctl -w net.ipv4.tcp_fwmark_accept=1".to_string(),
+            format!("ip -4 rule add fwmark {mark} lookup {table}"),
+        ];
         if ipv6 {
             lines.push(format!("ip -6 rule add fwmark {mark} lookup {table}"));
         }
@@ -90,11 +126,16 @@ impl PolicyRoute {
         let policy = *self;
         with_netlink(move |handle| async move {
             let state = policy.read_with(&handle).await?;
-            if !state.rule_v4 {
-                policy.add_rule(&handle, IpVersion::V4).await?;
+            if !state.fwmark_accept {
+                // The IPv4 rule records that sluice turned the sysctl on.
+                policy.delete_rules(&handle, IpVersion::V4).await?;
+                policy.add_rule(&handle, IpVersion::V4, true).await?;
+                set_fwmark_accept(true)?;
+            } else if !state.rule_v4 {
+                policy.add_rule(&handle, IpVersion::V4, false).await?;
             }
             if policy.ipv6 && !state.rule_v6 {
-                policy.add_rule(&handle, IpVersion::V6).await?;
+                policy.add_rule(&handle, IpVersion::V6, false).await?;
             }
             for version in policy.versions() {
                 policy.add_local_route(&handle, version).await?;
@@ -108,11 +149,23 @@ impl PolicyRoute {
     pub fn remove(&self) -> Result<(), Error> {
         let policy = *self;
         with_netlink(move |handle| async move {
+            let turned_on_by_sluice = policy
+                .matching_rules(&handle, IpVersion::V4)
+                .await?
+                .iter()
+                .any(|rule| {
+                    rule.attributes.iter().any(|attribute| {
+                        *attribute
+                            == RuleAttribute::Protocol(RouteProtocol::Other(
+                                FWMARK_ACCEPT_SET_BY_SLUICE,
+                            ))
+                    })
+                });
             for version in policy.versions() {
-                for rule in policy.matching_rules(&handle, version).await? {
-                    let del = handle.rule().del(rule).execute().await;
-                    ignore_errno(del, ENOENT).map_err(netlink("delete the fwmark rule"))?;
-                }
+                policy.delete_rules(&handle, version).await?;
+            }
+            if turned_on_by_sluice {
+                set_fwmark_accept(false)?;
             }
             for route in policy.local_routes(&handle).await? {
                 let del = handle.route().del(route).execute().await;
@@ -140,7 +193,16 @@ impl PolicyRoute {
             local_route_v4: routes.iter().any(|r| is_v4(&r)),
             local_route_v6: routes.iter().any(|r| !is_v4(&r)),
             ipv6: self.ipv6,
+            fwmark_accept: fwmark_accept()?,
         })
+    }
+
+    async fn delete_rules(&self, handle: &Handle, version: IpVersion) -> Result<(), Error> {
+        for rule in self.matching_rules(handle, version).await? {
+            let del = handle.rule().del(rule).execute().await;
+            ignore_errno(del, ENOENT).map_err(netlink("delete the fwmark rule"))?;
+        }
+        Ok(())
     }
 
     /// The IP versions this policy covers.
@@ -152,7 +214,12 @@ impl PolicyRoute {
         }
     }
 
-    async fn add_rule(&self, handle: &Handle, version: IpVersion) -> Result<(), Error> {
+    async fn add_rule(
+        &self,
+        handle: &Handle,
+        version: IpVersion,
+        fwmark_accept_set: bool,
+    ) -> Result<(), Error> {
         let request = handle
             .rule()
             .add()
@@ -160,8 +227,15 @@ impl PolicyRoute {
             .table_id(self.table)
             // Without an explicit action the kernel takes the rule for a no-op.
             .action(RuleAction::ToTable);
+        let marker = RuleAttribute::Protocol(RouteProtocol::Other(FWMARK_ACCEPT_SET_BY_SLUICE));
         let result = match version {
-            IpVersion::V4 => request.v4().execute().await,
+            IpVersion::V4 => {
+                let mut request = request.v4();
+                if fwmark_accept_set {
+                    request.message_mut().attributes.push(marker);
+                }
+                request.execute().await
+            }
             IpVersion::V6 => request.v6().execute().await,
         };
         ignore_errno(result, EEXIST).map_err(netlink(format!(

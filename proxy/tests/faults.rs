@@ -434,7 +434,9 @@ fn descriptor_limit_resets_the_surplus_and_sluice_goes_on() {
                         error.kind(),
                         ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
                     ),
-                    "{error}"
+                    "{error} after {} held; sluice's log:\n{}",
+                    held.len(),
+                    sluice.log()
                 );
                 refused += 1;
             }

@@ -35,7 +35,7 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, Some(destination.addr), reason);
     }
 
-    let upstream = match connect(&registration, destination.addr, &settings).await {
+    let upstream = match connect(&registration, peer, destination.addr, &settings).await {
         Ok(upstream) => upstream,
         Err((failure, error)) => {
             worker.stats.connect_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
@@ -83,17 +83,28 @@ const PORT_RETRY: Duration = Duration::from_millis(20);
 
 /// Connects to the workload, within the connect timeout (the worker's sweep
 /// aborts a connect that takes longer). EADDRNOTAVAIL, no free source port
-/// for this destination right now (every one in a TIME_WAIT less than a
-/// second old, under a connection rate beyond the port range per second), is
-/// tried again until the timeout: a burst is slowed down, not failed.
+/// for this destination right now (every one tried is in a TIME_WAIT less
+/// than a second old, under a connection rate beyond the port range per
+/// second), is tried again (with another port, from a client's address)
+/// until the timeout, pausing every few tries: a burst is slowed down, not
+/// failed.
 async fn connect(
     registration: &Registration,
+    client: ClientAddr,
     destination: SocketAddr,
     settings: &Settings,
 ) -> Result<TcpStream, (ConnectFailure, io::Error)> {
     let started = Instant::now();
+    let mut attempts = 0u32;
     loop {
-        let attempt = match upstream::socket(destination, settings.mark) {
+        attempts += 1;
+        let socket = upstream::socket(
+            destination,
+            client.0.ip(),
+            settings.upstream_source,
+            settings.mark,
+        );
+        let attempt = match socket {
             Ok(socket) => {
                 registration.connecting(&socket, started);
                 upstream::connect(socket, destination).await
@@ -113,7 +124,9 @@ async fn connect(
         if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
             return Err((ConnectFailure::of(&error), error));
         }
-        tokio::time::sleep(PORT_RETRY).await;
+        if attempts.is_multiple_of(8) {
+            tokio::time::sleep(PORT_RETRY).await;
+        }
     }
 }
 

@@ -38,6 +38,7 @@ use crate::intercept::{self, ebpf, Plan};
 use crate::linux;
 use crate::listener::{self, Listeners};
 use crate::routing::{self, BypassSource};
+use crate::upstream;
 use stats::WorkerStats;
 pub use worker::PANIC_AFTER_ENV;
 use worker::{Phase, Settings, Worker};
@@ -79,6 +80,7 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// `None`: what the descriptor limit holds.
     pub max_connections: Option<u32>,
+    pub upstream_source: upstream::Source,
 }
 
 /// How often the control thread looks at the workers while it waits.
@@ -105,7 +107,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let max_connections = max_connections(&options);
     let policy = options.policy;
     let ipv6 = linux::ipv6_enabled();
-    let listeners = Listeners::bind(policy.mode, policy.proxy_port)?;
+    let listeners = Listeners::bind(policy.mode, policy.proxy_port, policy.listener_mark())?;
     let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
         Some(InstalledRules::install(Plan::for_families(&policy, ipv6))?)
     } else {
@@ -131,6 +133,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         forwarding: forwarding.clone(),
         connect_timeout: options.connect_timeout,
         mark: policy.mark,
+        upstream_source: options.upstream_source,
         idle_timeout: (!options.idle_timeout.is_zero()).then_some(options.idle_timeout),
         max_connections: (max_connections as usize).div_ceil(options.workers),
         panic_after: std::env::var(PANIC_AFTER_ENV)
@@ -172,6 +175,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         port = policy.proxy_port,
         workers = options.workers,
         families = if ipv6 { "v4,v6" } else { "v4 (IPv6 disabled here)" },
+        upstream_source = ?options.upstream_source,
         max_connections,
         rules = options.install_rules,
         "sluice ready"

@@ -48,6 +48,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// The policy's mark, which sluice's upstream sockets carry.
     pub mark: u32,
+    pub upstream_source: crate::upstream::Source,
     /// `None`: connections may stay idle for ever.
     pub idle_timeout: Option<Duration>,
     /// This worker's share of `--max-connections`.

@@ -58,14 +58,24 @@ pub const REQUEST: &[u8] = b"ping....";
 pub const REPLY: &[u8] = b"pong";
 pub const GREETING: &[u8] = b"hello, then FIN";
 
+/// The mark sluice's upstream sockets carry (its default `--mark`): with
+/// `tcp_fwmark_accept`, which sluice's rules turn on, the workload's side of
+/// a connection that came through sluice carries it too, whatever address
+/// the connection comes from (the client's, or the bypass source).
+pub const SLUICE_MARK: u32 = 1337;
+
 /// A TCP server in the pod namespace, served by threads of the test process;
 /// it counts who connected, so a test can tell connections that came through
-/// sluice (from the bypass source) from those that did not.
+/// sluice (their accepted socket has sluice's mark) from those that did not,
+/// and records every peer address.
 pub struct Workload {
     listeners: Vec<TcpListener>,
     stopping: Arc<AtomicBool>,
     pub via_sluice: Arc<AtomicU64>,
     pub direct: Arc<AtomicU64>,
+    /// The peer address of every connection that came through sluice.
+    pub sluice_peers: Arc<Mutex<Vec<IpAddr>>>,
+    /// The peer address of every connection that did not.
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
     /// Bytes read by `GreetThenDrain` connections that ended.
     pub drained: Arc<AtomicU64>,
@@ -99,6 +109,7 @@ impl Workload {
             stopping: Arc::new(AtomicBool::new(false)),
             via_sluice: Arc::default(),
             direct: Arc::default(),
+            sluice_peers: Arc::default(),
             peers: Arc::default(),
             drained: Arc::default(),
             ended: Arc::default(),
@@ -114,6 +125,7 @@ impl Workload {
                     workload.direct.clone(),
                     workload.peers.clone(),
                 );
+                let sluice_peers = workload.sluice_peers.clone();
                 let (drained, ended) = (workload.drained.clone(), workload.ended.clone());
                 let resets = workload.resets.clone();
                 workload.threads.push(std::thread::spawn(move || loop {
@@ -123,11 +135,17 @@ impl Workload {
                         }
                         continue;
                     };
-                    let bypass = [BYPASS_V4, BYPASS_V6].contains(&peer.ip().to_string().as_str());
-                    if bypass { &via } else { &direct }.fetch_add(1, Ordering::SeqCst);
-                    if !bypass {
-                        peers.lock().unwrap().push(peer.ip());
+                    let mark = socket2::SockRef::from(&stream).mark().unwrap_or(0);
+                    let through_sluice = mark == SLUICE_MARK;
+                    if through_sluice { &via } else { &direct }.fetch_add(1, Ordering::SeqCst);
+                    if through_sluice {
+                        &sluice_peers
+                    } else {
+                        &peers
                     }
+                    .lock()
+                    .unwrap()
+                    .push(peer.ip());
                     match behaviour {
                         Behaviour::Echo => {
                             let resets = resets.clone();
