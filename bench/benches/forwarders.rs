@@ -242,14 +242,15 @@ fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         let (client, _) = listener.accept().await.expect("forwarder: accept");
         sluice::linux::set_nodelay(&client).expect("forwarder: TCP_NODELAY");
-        let socket = sluice::upstream::socket(
+        let pending = sluice::upstream::start(
             server,
             server.ip(),
             sluice::upstream::Source::Bypass,
             UPSTREAM_MARK,
         )
         .expect("forwarder: upstream socket");
-        let upstream = sluice::upstream::connect(socket, server)
+        let upstream = pending
+            .finish(server)
             .await
             .expect("forwarder: connect to the server");
         match &forwarding {

@@ -70,8 +70,19 @@ pub fn listener(
 /// from `::6` or a client's address, which are no loopback addresses, it
 /// would otherwise block its port for a minute, and a sustained connection
 /// rate would run out of ports.
-pub fn upstream_socket(destination: SocketAddr, mark: u32) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
+///
+/// `nonblocking`: for [`start_connect`].
+pub fn upstream_socket(
+    destination: SocketAddr,
+    mark: u32,
+    nonblocking: bool,
+) -> io::Result<Socket> {
+    let kind = if nonblocking {
+        Type::STREAM.nonblocking()
+    } else {
+        Type::STREAM
+    };
+    let socket = Socket::new(Domain::for_address(destination), kind, None)?;
     socket.set_tcp_nodelay(true)?;
     set_keepalive(&socket)?;
     socket.set_mark(mark)?;
@@ -89,8 +100,8 @@ pub fn bind_bypass(socket: &Socket, destination: SocketAddr) -> io::Result<()> {
 
 /// Binds an upstream socket to `source`, an address this namespace does
 /// not own (a client's): `IP_TRANSPARENT`. `SO_REUSEADDR` lets it take a
-/// port whose last connection is in TIME_WAIT; `connect()` then decides
-/// whether the TIME_WAIT can be reused.
+/// port that a TIME_WAIT or another connection of that address holds:
+/// `connect()` then says whether the 4-tuple is free (EADDRNOTAVAIL if not).
 pub fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
     match source {
         SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
@@ -98,6 +109,17 @@ pub fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
     }
     socket.set_reuse_address(true)?;
     socket.bind(&source.into())
+}
+
+/// Starts a non-blocking `connect()`: `Ok` once it is under way
+/// (EINPROGRESS); an error the kernel knows at once (EADDRNOTAVAIL: the
+/// 4-tuple is taken) otherwise.
+pub fn start_connect(socket: &Socket, destination: SocketAddr) -> io::Result<()> {
+    match socket.connect(&destination.into()) {
+        Ok(()) => Ok(()),
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 /// `getsockname()`: on a socket accepted through TPROXY (or sk_lookup) this

@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::Socket;
 use tokio_uring::net::TcpStream;
@@ -21,11 +22,6 @@ pub enum Source {
     Bypass,
 }
 
-/// Ports tried for one connection before giving up: a port is in use when
-/// the same client's address already holds it (another connection to the
-/// workload, a TIME_WAIT) or the pod listens on it.
-const PORT_ATTEMPTS: u32 = 64;
-
 thread_local! {
     /// Where this worker's next search for a client-source port starts:
     /// each worker walks the range from its own place, so that they rarely
@@ -39,9 +35,23 @@ fn thread_seed() -> u32 {
     hasher.finish() as u32
 }
 
-/// The socket the connection from `client` to `destination` will be made
-/// from, with the policy's `mark` (see [`linux::upstream_socket`]); its
-/// descriptor can be aborted (the connect timeout) while [`connect`] waits.
+/// A connection to the workload under way; its descriptor can be aborted
+/// (the connect timeout) while [`Pending::finish`] waits.
+pub struct Pending {
+    socket: Socket,
+    /// The connect was started (from a client's address); otherwise it is
+    /// made by the ring.
+    started: bool,
+}
+
+impl AsRawFd for Pending {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// Starts the connection from `client` to `destination`, with the policy's
+/// `mark` (see [`linux::upstream_socket`]).
 ///
 /// From the client's address, sluice picks the source port itself, from
 /// `--upstream-ports`, apart from the ports clients connect from. The
@@ -50,40 +60,78 @@ fn thread_seed() -> u32 {
 /// for its next connection to the same destination: the upstream connection
 /// would take the port of a client connection to come, or of one that is
 /// open (the mirror image: two sockets in the pod for one 4-tuple, seen
-/// from either end), and one of the two hangs. IP_LOCAL_PORT_RANGE cannot
-/// help: the kernel only narrows the pod's range with it.
-pub fn socket(
+/// from either end), and one of the two hangs. `IP_LOCAL_PORT_RANGE` cannot
+/// help: the kernel only narrows the pod's range with it. The search runs
+/// the ports in turn with a non-blocking `connect()`, which says at once
+/// whether the 4-tuple is free (EADDRNOTAVAIL when another connection, or a
+/// TIME_WAIT too young to reuse, holds it): a run of thousands of ports
+/// held by open connections costs milliseconds, not a ring trip each. It
+/// fails with EADDRNOTAVAIL when the whole range is taken.
+pub fn start(
     destination: SocketAddr,
     client: IpAddr,
     source: Source,
     mark: u32,
-) -> io::Result<Socket> {
-    let socket = linux::upstream_socket(destination, mark)?;
+) -> io::Result<Pending> {
     let (low, high) = match source {
         Source::Bypass => {
+            let socket = linux::upstream_socket(destination, mark, false)?;
             linux::bind_bypass(&socket, destination)?;
-            return Ok(socket);
+            return Ok(Pending {
+                socket,
+                started: false,
+            });
         }
         Source::Client { ports } => ports,
     };
     let span = u32::from(high) - u32::from(low) + 1;
-    for _ in 0..PORT_ATTEMPTS.min(span) {
+    for _ in 0..span {
         let offset = NEXT_PORT.with(|next| {
             let offset = next.get() % span;
             next.set(offset + 1);
             offset
         });
         let port = u16::try_from(u32::from(low) + offset).unwrap_or(low);
+        let socket = linux::upstream_socket(destination, mark, true)?;
+        let taken = |error: &io::Error| {
+            matches!(
+                error.raw_os_error(),
+                Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+            )
+        };
         match linux::bind_transparent(&socket, SocketAddr::new(client, port)) {
-            Ok(()) => return Ok(socket),
-            Err(error) if error.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+            Ok(()) => {}
+            Err(error) if taken(&error) => continue,
+            Err(error) => return Err(error),
+        }
+        match linux::start_connect(&socket, destination) {
+            Ok(()) => {
+                return Ok(Pending {
+                    socket,
+                    started: true,
+                })
+            }
+            Err(error) if taken(&error) => continue,
             Err(error) => return Err(error),
         }
     }
     Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
 }
 
-pub async fn connect(socket: Socket, destination: SocketAddr) -> io::Result<TcpStream> {
-    let connected = uring::connect(socket, destination.into()).await?;
-    Ok(TcpStream::from_std(connected.into()))
+impl Pending {
+    /// Waits until the connection is made.
+    pub async fn finish(self, destination: SocketAddr) -> io::Result<TcpStream> {
+        if !self.started {
+            let connected = uring::connect(self.socket, destination.into()).await?;
+            return Ok(TcpStream::from_std(connected.into()));
+        }
+        uring::poll(self.socket.as_raw_fd(), libc::POLLOUT as u32).await?;
+        if let Some(error) = linux::take_error(&self.socket)? {
+            return Err(error);
+        }
+        // The ring's reads and writes want a blocking socket (they would
+        // hand EAGAIN back instead of waiting).
+        self.socket.set_nonblocking(false)?;
+        Ok(TcpStream::from_std(self.socket.into()))
+    }
 }

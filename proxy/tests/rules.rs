@@ -149,6 +149,39 @@ fn install_show_reinstall_remove() {
     assert!(String::from_utf8_lossy(&shown.stdout).contains("status: not installed"));
 }
 
+fn fwmark_accept(ns: &Netns) -> String {
+    ns.sysctl_get("net.ipv4.tcp_fwmark_accept")
+        .expect("read tcp_fwmark_accept")
+}
+
+/// `tcp_fwmark_accept`, which the client-source return path needs, is
+/// turned on by install and back off by remove, in every mode that has
+/// rules; and left on by remove when it was on before sluice came.
+#[test]
+fn install_and_remove_restore_tcp_fwmark_accept() {
+    for mode in ["tproxy", "redirect"] {
+        let ns = Netns::new("fwmark").expect("netns");
+        assert_eq!(fwmark_accept(&ns), "0");
+        ok(&sluice_cli(&ns, &["rules", "install", "--mode", mode]));
+        assert_eq!(fwmark_accept(&ns), "1", "{mode}");
+        let shown = ok(&sluice_cli(&ns, &["rules", "show", "--mode", mode]));
+        assert!(shown.contains("net.ipv4.tcp_fwmark_accept: on"), "{shown}");
+        // Installing again must not forget that sluice turned it on.
+        ok(&sluice_cli(&ns, &["rules", "install", "--mode", mode]));
+        ok(&sluice_cli(&ns, &["rules", "remove"]));
+        assert_eq!(fwmark_accept(&ns), "0", "{mode}: not restored");
+        assert_clean(&ns);
+
+        // On before sluice: sluice does not own it, and leaves it on.
+        ns.sysctl_set("net.ipv4.tcp_fwmark_accept", "1")
+            .expect("sysctl");
+        ok(&sluice_cli(&ns, &["rules", "install", "--mode", mode]));
+        ok(&sluice_cli(&ns, &["rules", "remove"]));
+        assert_eq!(fwmark_accept(&ns), "1", "{mode}: turned off someone else's");
+        assert_clean(&ns);
+    }
+}
+
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let ns = Netns::new("bad").expect("netns");

@@ -83,11 +83,10 @@ const PORT_RETRY: Duration = Duration::from_millis(20);
 
 /// Connects to the workload, within the connect timeout (the worker's sweep
 /// aborts a connect that takes longer). EADDRNOTAVAIL, no free source port
-/// for this destination right now (every one tried is in a TIME_WAIT less
-/// than a second old, under a connection rate beyond the port range per
-/// second), is tried again (with another port, from a client's address)
-/// until the timeout, pausing every few tries: a burst is slowed down, not
-/// failed.
+/// for this destination right now (every one is held, or in a TIME_WAIT
+/// less than a second old under a connection rate beyond the port range per
+/// second), is tried again every 20 ms until the timeout: a burst is slowed
+/// down, not failed.
 async fn connect(
     registration: &Registration,
     client: ClientAddr,
@@ -95,19 +94,17 @@ async fn connect(
     settings: &Settings,
 ) -> Result<TcpStream, (ConnectFailure, io::Error)> {
     let started = Instant::now();
-    let mut attempts = 0u32;
     loop {
-        attempts += 1;
-        let socket = upstream::socket(
+        let pending = upstream::start(
             destination,
             client.0.ip(),
             settings.upstream_source,
             settings.mark,
         );
-        let attempt = match socket {
-            Ok(socket) => {
-                registration.connecting(&socket, started);
-                upstream::connect(socket, destination).await
+        let attempt = match pending {
+            Ok(pending) => {
+                registration.connecting(&pending, started);
+                pending.finish(destination).await
             }
             Err(error) => Err(error),
         };
@@ -124,9 +121,7 @@ async fn connect(
         if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
             return Err((ConnectFailure::of(&error), error));
         }
-        if attempts.is_multiple_of(8) {
-            tokio::time::sleep(PORT_RETRY).await;
-        }
+        tokio::time::sleep(PORT_RETRY).await;
     }
 }
 

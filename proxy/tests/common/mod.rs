@@ -51,6 +51,10 @@ pub enum Behaviour {
     ResetAfter(usize),
     /// Send this many bytes of [`download_bytes`] at once, then close.
     Download(usize),
+    /// A connection whose first bytes are [`REQUEST`] is answered [`REPLY`]
+    /// and closed at once (the workload closes first); any other is held
+    /// open, silent, until the client closes it.
+    ReplyOrHold,
 }
 
 pub const TRAILER: &[u8] = b"<eof seen>";
@@ -174,6 +178,9 @@ impl Workload {
                         Behaviour::Download(len) => {
                             std::thread::spawn(move || download(stream, len));
                         }
+                        Behaviour::ReplyOrHold => {
+                            std::thread::spawn(move || reply_or_hold(stream));
+                        }
                     }
                 }));
             }
@@ -240,6 +247,16 @@ pub fn download_bytes(len: usize) -> Vec<u8> {
 
 fn download(mut stream: TcpStream, len: usize) {
     let _ = stream.write_all(&download_bytes(len));
+}
+
+fn reply_or_hold(mut stream: TcpStream) {
+    let mut first = [0u8; REQUEST.len()];
+    if stream.read_exact(&mut first).is_ok() && first == REQUEST {
+        let _ = stream.write_all(REPLY);
+        return;
+    }
+    let mut rest = [0u8; 1024];
+    while let Ok(1..) = stream.read(&mut rest) {}
 }
 
 fn reply_and_close(mut stream: TcpStream) {
