@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
-use super::stats::{ConnectFailure, Refused};
+use super::stats::{self, ConnectFailure, Refused};
 use super::worker::Worker;
 use crate::forward::{self, End};
 use crate::linux;
@@ -32,9 +32,10 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, Some(destination.addr), reason);
     }
 
+    let mut connect_started = None;
     let upstream = match upstream::socket(destination.addr) {
         Ok(socket) => {
-            registration.connecting(&socket);
+            connect_started = Some(registration.connecting(&socket));
             upstream::connect(socket, destination.addr).await
         }
         Err(error) => Err(error),
@@ -53,23 +54,28 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
             return;
         }
     };
-    registration.forwarding(&upstream);
+    let opened = registration.forwarding(&upstream);
+    let stats = &worker.stats;
+    stats::add(&stats.opened, 1);
+    if let Some(started) = connect_started {
+        stats.connect_duration.observe(opened - started);
+    }
 
-    let forwarded = match forward::forward(&settings.forwarding, &client, &upstream).await {
+    let forwarded = forward::forward(&settings.forwarding, &client, &upstream).await;
+    stats.connection_duration.observe(opened.elapsed());
+    stats::add(&stats.closed, 1);
+    let forwarded = match forwarded {
         Ok(forwarded) => forwarded,
         Err(error) => {
             debug!(client = %peer, %error, "forwarder could not start; connection reset");
             return;
         }
     };
-    let stats = &worker.stats;
-    stats.closed.fetch_add(1, Ordering::Relaxed);
-    stats
-        .bytes_to_workload
-        .fetch_add(forwarded.upstream.bytes, Ordering::Relaxed);
-    stats
-        .bytes_to_client
-        .fetch_add(forwarded.downstream.bytes, Ordering::Relaxed);
+    stats::add(&stats.bytes_to_workload, forwarded.upstream.bytes);
+    stats::add(&stats.bytes_to_client, forwarded.downstream.bytes);
+    if forwarded.fell_back {
+        stats::add(&stats.forwarder_fallbacks, 1);
+    }
     for (side, direction) in [
         ("client", &forwarded.upstream),
         ("workload", &forwarded.downstream),

@@ -339,20 +339,26 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn connecting(&self, upstream: &impl AsRawFd) {
+    /// Returns when the connect started (the connect-time metric reuses it).
+    pub fn connecting(&self, upstream: &impl AsRawFd) -> Instant {
+        let since = Instant::now();
         self.set(Stage::Connecting {
             upstream: upstream.as_raw_fd(),
-            since: Instant::now(),
+            since,
             timed_out: false,
         });
+        since
     }
 
-    pub fn forwarding(&self, upstream: &impl AsRawFd) {
+    /// Returns when forwarding started (the metrics reuse it).
+    pub fn forwarding(&self, upstream: &impl AsRawFd) -> Instant {
+        let now = Instant::now();
         self.set(Stage::Forwarding {
             upstream: upstream.as_raw_fd(),
             received: 0,
-            changed: Instant::now(),
+            changed: now,
         });
+        now
     }
 
     /// Whether the sweep ended the upstream connect for taking too long.
