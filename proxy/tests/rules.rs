@@ -199,3 +199,14 @@ fn run_refuses_a_proxy_port_in_use_and_installs_nothing() {
     assert!(stderr.contains("15006 is already in use"), "{stderr}");
     assert_clean(&ns);
 }
+
+#[test]
+fn default_dry_run_excludes_the_proxy_and_admin_ports() {
+    // No flags: what a first run installs. 15000 (admin), 15006 (proxy),
+    // 15020 (metrics), 15021 (readiness), 15090 are never intercepted.
+    let ns = Netns::new("drydef").expect("netns");
+    let output = sluice_cli(&ns, &["rules", "install", "--dry-run"]);
+    let golden = include_str!("golden/tproxy-default-dry-run.txt");
+    assert_eq!(ok(&output), golden);
+    assert_clean(&ns);
+}
