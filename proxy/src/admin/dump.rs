@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::Shared;
-use crate::config::{Ports, Policy};
+use crate::config::{Policy, Ports};
 use crate::server::RunOptions;
 
 /// The configuration `sluice run` works with, once validated and defaulted.

@@ -138,9 +138,7 @@ impl Server {
         let endpoints = match self.endpoints {
             Endpoints::Metrics => "GET /metrics\n",
             Endpoints::Readiness => "GET /healthz/ready\n",
-            Endpoints::Admin => {
-                "GET /config_dump\nPOST /quitquitquit\nPOST /logging?level=LEVEL\n"
-            }
+            Endpoints::Admin => "GET /config_dump\nPOST /quitquitquit\nPOST /logging?level=LEVEL\n",
         };
         format!("not found; this port serves:\n{endpoints}")
     }

@@ -241,10 +241,19 @@ mod tests {
 
     #[test]
     fn histograms_sum_over_workers() {
-        let workers = [Arc::new(WorkerStats::default()), Arc::new(WorkerStats::default())];
-        workers[0].connect_duration.observe(Duration::from_micros(50));
-        workers[1].connect_duration.observe(Duration::from_micros(50));
-        workers[1].connect_duration.observe(Duration::from_millis(2));
+        let workers = [
+            Arc::new(WorkerStats::default()),
+            Arc::new(WorkerStats::default()),
+        ];
+        workers[0]
+            .connect_duration
+            .observe(Duration::from_micros(50));
+        workers[1]
+            .connect_duration
+            .observe(Duration::from_micros(50));
+        workers[1]
+            .connect_duration
+            .observe(Duration::from_millis(2));
         workers[0].connect_duration.observe(Duration::from_secs(60));
         let total = histogram_total(&workers, |s| &s.connect_duration);
         assert_eq!(total.count, 4);
@@ -253,6 +262,10 @@ mod tests {
         assert_eq!(total.buckets[4], (0.0025, 1));
         assert_eq!(total.buckets[BUCKETS - 1], (10.0, 0));
         assert_eq!(total.buckets[BUCKETS], (f64::INFINITY, 1));
-        assert!((total.sum_seconds - 60.0021).abs() < 1e-9, "{}", total.sum_seconds);
+        assert!(
+            (total.sum_seconds - 60.0021).abs() < 1e-9,
+            "{}",
+            total.sum_seconds
+        );
     }
 }
