@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -17,9 +18,29 @@ use ipnet::IpNet;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: tracing::Level,
+    /// Log level (error, warn, info, debug, trace) or a RUST_LOG-style
+    /// filter such as `info,sluice::server=debug` [default: RUST_LOG if set,
+    /// else info].
+    #[arg(long, global = true, value_parser = parse_log_filter)]
+    pub log_level: Option<String>,
+    /// Log line format: text for people, json (one object a line) for a
+    /// cluster's log collector.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A log filter, checked before anything starts.
+fn parse_log_filter(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("'{text}' is not a log level or filter ({e}); write e.g. debug or info,sluice=debug"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +122,55 @@ pub struct RunArgs {
     /// [default: what the descriptor limit (RLIMIT_NOFILE) holds].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
+    /// Where `GET /metrics` (Prometheus text format) is served, or `off`.
+    #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_listen)]
+    pub metrics_addr: Listen,
+    /// Where `GET /healthz/ready` is served, or `off`.
+    #[arg(long, default_value = "0.0.0.0:15021", value_parser = parse_listen)]
+    pub readiness_addr: Listen,
+    /// Where the admin endpoints (`/config_dump`, `/quitquitquit`,
+    /// `/logging`) are served, or `off`; loopback addresses only.
+    #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin_listen)]
+    pub admin_addr: Listen,
+    /// Validate the flags, print the effective configuration (JSON) and
+    /// exit; bind, install and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// An address to serve on, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    match text.trim() {
+        "off" => Ok(Listen(None)),
+        text => text.parse().map(|addr| Listen(Some(addr))).map_err(|_| {
+            format!("'{text}' is not an address and port (e.g. 0.0.0.0:15020, [::]:15020) nor off")
+        }),
+    }
+}
+
+/// The admin endpoints can stop sluice and change its logging: never on an
+/// address another host can reach.
+fn parse_admin_listen(text: &str) -> Result<Listen, String> {
+    let listen = parse_listen(text)?;
+    match listen.0 {
+        Some(addr) if !addr.ip().is_loopback() => Err(format!(
+            "{addr} is not a loopback address: the admin endpoints (/quitquitquit, /logging) \
+             must only be reachable from inside the pod; use e.g. 127.0.0.1:15000"
+        )),
+        _ => Ok(listen),
+    }
 }
 
 /// `LOW-HIGH`, a range of ports.
@@ -189,7 +259,7 @@ pub struct PolicyArgs {
     #[arg(long, default_value = "*", value_parser = parse_ports)]
     pub ports: Ports,
     /// Destination ports never intercepted (the proxy port is always excluded).
-    #[arg(long, default_value = "15006,15020,15021,15090", value_parser = parse_port_list)]
+    #[arg(long, default_value = "15000,15006,15020,15021,15090", value_parser = parse_port_list)]
     pub exclude_ports: PortList,
     /// Client (source) CIDRs whose connections are not intercepted, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -350,7 +420,7 @@ mod tests {
         assert_eq!(policy.ports, Ports::All);
         assert_eq!(
             policy.exclude_ports,
-            BTreeSet::from([15006, 15020, 15021, 15090])
+            BTreeSet::from([15000, 15006, 15020, 15021, 15090])
         );
         assert_eq!(
             (policy.mark, policy.table, policy.proxy_port),
@@ -388,6 +458,22 @@ mod tests {
         assert_eq!(main_table, Err(ConfigError::ReservedTable(254)));
         let conflict = args(&["--ports", "9080,15006"]).unwrap().validate();
         assert_eq!(conflict, Err(ConfigError::PortConflict(15006)));
+    }
+
+    #[test]
+    fn admin_listen_addresses() {
+        assert_eq!(parse_listen("off"), Ok(Listen(None)));
+        assert_eq!(
+            parse_listen("[::]:15020").map(|l| l.to_string()),
+            Ok("[::]:15020".to_string())
+        );
+        assert!(parse_listen("15020").is_err());
+        assert!(parse_admin_listen("127.0.0.1:15000").is_ok());
+        assert!(parse_admin_listen("[::1]:15000").is_ok());
+        assert!(parse_admin_listen("off").is_ok());
+        assert!(parse_admin_listen("0.0.0.0:15000").is_err());
+        assert!(parse_log_filter("info,sluice=debug").is_ok());
+        assert!(parse_log_filter("sluice=loud").is_err());
     }
 
     #[test]

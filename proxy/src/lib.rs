@@ -2,11 +2,13 @@
 //!
 //! See the README for the design; each module's header says what it owns.
 
+pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod intercept;
 pub mod linux;
 pub mod listener;
+pub mod privileges;
 pub mod routing;
 pub mod server;
 pub mod upstream;

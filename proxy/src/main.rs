@@ -1,22 +1,28 @@
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::config::{Cli, Command, Mode, RulesAction, UpstreamSource};
+use sluice::admin::{AdminOptions, LogControl};
+use sluice::config::{Cli, Command, LogFormat, Mode, RulesAction, RunArgs, UpstreamSource};
 use sluice::intercept::ebpf;
 use sluice::intercept::Plan;
 use sluice::server::{self, RunOptions};
 use sluice::upstream;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(cli.log_level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match execute(cli.command) {
+    let log = match init_logging(cli.log_level.as_deref(), cli.log_format) {
+        Ok(log) => log,
+        Err(error) => {
+            eprintln!("sluice: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match execute(cli.command, log) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("sluice: {error:#}");
@@ -25,37 +31,94 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> anyhow::Result<ExitCode> {
+/// Logs to stderr, as text or one JSON object a line, filtered by
+/// `--log-level`, else RUST_LOG, else info. The filter sits behind a reload
+/// layer so `POST /logging` can change it while sluice runs.
+fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<LogControl> {
+    let filter = match level {
+        Some(level) => EnvFilter::builder().parse(level)?,
+        None => EnvFilter::builder()
+            .with_default_directive(tracing::Level::INFO.into())
+            .from_env()
+            .context("RUST_LOG is not a valid log filter")?,
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .context("cannot set up logging")?;
+    Ok(Arc::new(move |level: &str| {
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| format!("'{level}' is not a log level or filter: {e}"))?;
+        let shown = filter.to_string();
+        handle
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        Ok(shown)
+    }))
+}
+
+fn execute(command: Command, log: LogControl) -> anyhow::Result<ExitCode> {
     match command {
         Command::Rules { action } => rules(action),
         Command::Run(args) => {
-            let policy = args.policy.validate()?;
-            let workers = args
-                .workers
-                .map_or_else(server::default_workers, usize::from);
-            server::run(RunOptions {
-                policy,
-                pin: args.pin,
-                forwarder: args.forward,
-                install_rules: args.install_rules,
-                workers,
-                connect_timeout: args.connect_timeout,
-                idle_timeout: args.idle_timeout,
-                drain_timeout: args.drain_timeout,
-                max_connections: args.max_connections,
-                upstream_source: match args.upstream_source {
-                    UpstreamSource::Client => upstream::Source::Client {
-                        ports: args.upstream_ports,
-                    },
-                    UpstreamSource::Bypass => upstream::Source::Bypass,
-                },
-            })
-            .context("sluice run")?;
+            let dry_run = args.dry_run;
+            let options = run_options(args, log)?;
+            if dry_run {
+                // What would run, checked and defaulted; nothing is touched.
+                let config = sluice::admin::effective_config(&options);
+                println!("{}", serde_json::to_string_pretty(&config)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            server::run(options).context("sluice run")?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
+fn run_options(args: RunArgs, log: LogControl) -> anyhow::Result<RunOptions> {
+    let policy = args.policy.validate()?;
+    let workers = args
+        .workers
+        .map_or_else(server::default_workers, usize::from);
+    Ok(RunOptions {
+        policy,
+        pin: args.pin,
+        forwarder: args.forward,
+        install_rules: args.install_rules,
+        workers,
+        connect_timeout: args.connect_timeout,
+        idle_timeout: args.idle_timeout,
+        drain_timeout: args.drain_timeout,
+        max_connections: args.max_connections,
+        upstream_source: match args.upstream_source {
+            UpstreamSource::Client => upstream::Source::Client {
+                ports: args.upstream_ports,
+            },
+            UpstreamSource::Bypass => upstream::Source::Bypass,
+        },
+        admin: AdminOptions {
+            metrics: args.metrics_addr.0,
+            readiness: args.readiness_addr.0,
+            admin: args.admin_addr.0,
+            log: Some(log),
+        },
+    })
+}
 fn rules(action: RulesAction) -> anyhow::Result<ExitCode> {
     match action {
         RulesAction::Install { policy, dry_run } => {

@@ -30,7 +30,7 @@ const EADDRNOTAVAIL: i32 = 99;
 pub enum Error {
     #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
-    #[error("cannot read or set net.ipv4.tcp_fwmark_accept in this namespace")]
+    #[error("cannot read or set net.ipv4.tcp_fwmark_accept or fwmark_reflect in this namespace")]
     Sysctl(#[source] std::io::Error),
     #[error("netlink refused to {what}")]
     Netlink {
@@ -59,8 +59,9 @@ pub struct RoutingState {
     pub local_route_v6: bool,
     /// Whether the IPv6 half was asked for.
     pub ipv6: bool,
-    /// `net.ipv4.tcp_fwmark_accept` is on (it covers IPv6 too).
-    pub fwmark_accept: bool,
+    /// The return path's sysctls (`tcp_fwmark_accept`, `fwmark_reflect`)
+    /// are on.
+    pub sysctls: bool,
 }
 
 impl RoutingState {
@@ -68,7 +69,7 @@ impl RoutingState {
         self.rule_v4
             && self.local_route_v4
             && (!self.ipv6 || self.rule_v6 && self.local_route_v6)
-            && self.fwmark_accept
+            && self.sysctls
     }
 
     /// No rule or route of the policy (the sysctl may be on for others).
@@ -77,27 +78,69 @@ impl RoutingState {
     }
 }
 
-/// `net.ipv4.tcp_fwmark_accept`: an accepted socket takes the mark of the
-/// SYN that made it (unless its listener has a mark of its own). sluice's
-/// upstream connections carry the policy's mark, so the workload's side of
-/// them takes it, and its replies follow the policy route back to sluice:
-/// how they find sluice's transparent socket when it connects from the
-/// client's own address, with no conntrack entry.
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// The sysctls of the return path from the workload to sluice's
+/// transparent upstream sockets (`--upstream-source client`), each a bit of
+/// the record below:
+/// - `net.ipv4.tcp_fwmark_accept` (it covers IPv6 too): an accepted socket
+///   takes the mark of the SYN that made it (unless its listener has one).
+///   sluice's upstream connections carry the policy's mark, so the
+///   workload's side of them takes it, and its replies to the client's
+///   address follow the policy route back to sluice, not out to the client;
+/// - `net.ipv4.fwmark_reflect`, `net.ipv6.fwmark_reflect`: the same for the
+///   replies the kernel makes with no socket, a reset from a closed port
+///   above all (without it, sluice would wait out its connect timeout for a
+///   refusal that went to the client).
+const SYSCTLS: [(&str, bool); 3] = [
+    ("net/ipv4/tcp_fwmark_accept", false),
+    ("net/ipv4/fwmark_reflect", false),
+    ("net/ipv6/fwmark_reflect", true),
+];
 
-/// The protocol number sluice's IPv4 fwmark rule carries when sluice itself
-/// turned `tcp_fwmark_accept` on: `rules remove` (another process, perhaps
-/// another container of the pod) then turns it off again, and only then.
-/// Recorded in the namespace, beside what it explains.
-const FWMARK_ACCEPT_SET_BY_SLUICE: u8 = 0x53;
+/// The protocol number of sluice's IPv4 fwmark rule is this plus the bits of
+/// the sysctls sluice itself turned on: `rules remove` (another process,
+/// perhaps another container of the pod) turns those off again, and only
+/// those. Recorded in the namespace, beside what it explains.
+const RECORD: u8 = 0xa0;
 
-fn fwmark_accept() -> Result<bool, Error> {
-    let value = std::fs::read_to_string(FWMARK_ACCEPT).map_err(Error::Sysctl)?;
-    Ok(value.trim() != "0")
+fn sysctl_path(name: &str) -> String {
+    format!("/proc/sys/{name}")
 }
 
-fn set_fwmark_accept(on: bool) -> Result<(), Error> {
-    std::fs::write(FWMARK_ACCEPT, if on { "1" } else { "0" }).map_err(Error::Sysctl)
+/// The bits of the sysctls the policy needs that are off.
+fn sysctls_off(ipv6: bool) -> Result<u8, Error> {
+    let mut off = 0;
+    for (bit, (name, v6_only)) in SYSCTLS.iter().enumerate() {
+        if *v6_only && !ipv6 {
+            continue;
+        }
+        let value = std::fs::read_to_string(sysctl_path(name)).map_err(Error::Sysctl)?;
+        if value.trim() == "0" {
+            off |= 1 << bit;
+        }
+    }
+    Ok(off)
+}
+
+fn set_sysctls(bits: u8, on: bool) -> Result<(), Error> {
+    for (bit, (name, _)) in SYSCTLS.iter().enumerate() {
+        if bits & (1 << bit) != 0 {
+            std::fs::write(sysctl_path(name), if on { "1" } else { "0" }).map_err(Error::Sysctl)?;
+        }
+    }
+    Ok(())
+}
+
+/// The sysctl bits a rule records, if it is a record.
+fn recorded(rule: &RuleMessage) -> u8 {
+    rule.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RuleAttribute::Protocol(RouteProtocol::Other(value)) if value & 0xf8 == RECORD => {
+                Some(value & 0x07)
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 impl PolicyRoute {
@@ -105,10 +148,12 @@ impl PolicyRoute {
     /// `--dry-run` and `rules show`.
     pub fn describe(&self) -> Vec<String> {
         let PolicyRoute { mark, table, ipv6 } = *self;
-        let mut lines = vec![
-            "sysctl -w net.ipv4.tcp_fwmark_accept=1".to_string(),
-            format!("ip -4 rule add fwmark {mark} lookup {table}"),
-        ];
+        let mut lines: Vec<String> = SYSCTLS
+            .iter()
+            .filter(|(_, v6_only)| ipv6 || !v6_only)
+            .map(|(name, _)| format!("sysctl -w {}=1", name.replace('/', ".")))
+            .collect();
+        lines.push(format!("ip -4 rule add fwmark {mark} lookup {table}"));
         if ipv6 {
             lines.push(format!("ip -6 rule add fwmark {mark} lookup {table}"));
         }
@@ -126,16 +171,25 @@ impl PolicyRoute {
         let policy = *self;
         with_netlink(move |handle| async move {
             let state = policy.read_with(&handle).await?;
-            if !state.fwmark_accept {
-                // The IPv4 rule records that sluice turned the sysctl on.
+            let off = sysctls_off(policy.ipv6)?;
+            if off != 0 {
+                // The IPv4 rule records which sysctls sluice turned on,
+                // with those an earlier install recorded.
+                let earlier = policy
+                    .matching_rules(&handle, IpVersion::V4)
+                    .await?
+                    .iter()
+                    .fold(0, |bits, rule| bits | recorded(rule));
                 policy.delete_rules(&handle, IpVersion::V4).await?;
-                policy.add_rule(&handle, IpVersion::V4, true).await?;
-                set_fwmark_accept(true)?;
+                policy
+                    .add_rule(&handle, IpVersion::V4, off | earlier)
+                    .await?;
+                set_sysctls(off, true)?;
             } else if !state.rule_v4 {
-                policy.add_rule(&handle, IpVersion::V4, false).await?;
+                policy.add_rule(&handle, IpVersion::V4, 0).await?;
             }
             if policy.ipv6 && !state.rule_v6 {
-                policy.add_rule(&handle, IpVersion::V6, false).await?;
+                policy.add_rule(&handle, IpVersion::V6, 0).await?;
             }
             for version in policy.versions() {
                 policy.add_local_route(&handle, version).await?;
@@ -153,20 +207,11 @@ impl PolicyRoute {
                 .matching_rules(&handle, IpVersion::V4)
                 .await?
                 .iter()
-                .any(|rule| {
-                    rule.attributes.iter().any(|attribute| {
-                        *attribute
-                            == RuleAttribute::Protocol(RouteProtocol::Other(
-                                FWMARK_ACCEPT_SET_BY_SLUICE,
-                            ))
-                    })
-                });
+                .fold(0, |bits, rule| bits | recorded(rule));
             for version in policy.versions() {
                 policy.delete_rules(&handle, version).await?;
             }
-            if turned_on_by_sluice {
-                set_fwmark_accept(false)?;
-            }
+            set_sysctls(turned_on_by_sluice, false)?;
             for route in policy.local_routes(&handle).await? {
                 let del = handle.route().del(route).execute().await;
                 ignore_errno(del, ESRCH).map_err(netlink("delete the local route"))?;
@@ -193,7 +238,7 @@ impl PolicyRoute {
             local_route_v4: routes.iter().any(|r| is_v4(&r)),
             local_route_v6: routes.iter().any(|r| !is_v4(&r)),
             ipv6: self.ipv6,
-            fwmark_accept: fwmark_accept()?,
+            sysctls: sysctls_off(self.ipv6)? == 0,
         })
     }
 
@@ -214,12 +259,7 @@ impl PolicyRoute {
         }
     }
 
-    async fn add_rule(
-        &self,
-        handle: &Handle,
-        version: IpVersion,
-        fwmark_accept_set: bool,
-    ) -> Result<(), Error> {
+    async fn add_rule(&self, handle: &Handle, version: IpVersion, record: u8) -> Result<(), Error> {
         let request = handle
             .rule()
             .add()
@@ -227,12 +267,15 @@ impl PolicyRoute {
             .table_id(self.table)
             // Without an explicit action the kernel takes the rule for a no-op.
             .action(RuleAction::ToTable);
-        let marker = RuleAttribute::Protocol(RouteProtocol::Other(FWMARK_ACCEPT_SET_BY_SLUICE));
         let result = match version {
             IpVersion::V4 => {
                 let mut request = request.v4();
-                if fwmark_accept_set {
-                    request.message_mut().attributes.push(marker);
+                if record != 0 {
+                    let protocol = RouteProtocol::Other(RECORD | record);
+                    request
+                        .message_mut()
+                        .attributes
+                        .push(RuleAttribute::Protocol(protocol));
                 }
                 request.execute().await
             }

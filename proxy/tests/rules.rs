@@ -154,9 +154,9 @@ fn fwmark_accept(ns: &Netns) -> String {
         .expect("read tcp_fwmark_accept")
 }
 
-/// `tcp_fwmark_accept`, which the client-source return path needs, is
-/// turned on by install and back off by remove, in every mode that has
-/// rules; and left on by remove when it was on before sluice came.
+/// `tcp_fwmark_accept` and `fwmark_reflect`, which the client-source return
+/// path needs, are turned on by install and back off by remove, in every
+/// mode that has rules; and left on by remove when on before sluice came.
 #[test]
 fn install_and_remove_restore_tcp_fwmark_accept() {
     for mode in ["tproxy", "redirect"] {
@@ -165,11 +165,21 @@ fn install_and_remove_restore_tcp_fwmark_accept() {
         ok(&sluice_cli(&ns, &["rules", "install", "--mode", mode]));
         assert_eq!(fwmark_accept(&ns), "1", "{mode}");
         let shown = ok(&sluice_cli(&ns, &["rules", "show", "--mode", mode]));
-        assert!(shown.contains("net.ipv4.tcp_fwmark_accept: on"), "{shown}");
+        assert!(
+            shown.contains("sysctls tcp_fwmark_accept, fwmark_reflect: on"),
+            "{shown}"
+        );
+        assert_eq!(
+            ns.sysctl_get("net.ipv6.fwmark_reflect").expect("sysctl"),
+            "1"
+        );
         // Installing again must not forget that sluice turned it on.
         ok(&sluice_cli(&ns, &["rules", "install", "--mode", mode]));
         ok(&sluice_cli(&ns, &["rules", "remove"]));
         assert_eq!(fwmark_accept(&ns), "0", "{mode}: not restored");
+        for key in ["net.ipv4.fwmark_reflect", "net.ipv6.fwmark_reflect"] {
+            assert_eq!(ns.sysctl_get(key).expect("sysctl"), "0", "{key}");
+        }
         assert_clean(&ns);
 
         // On before sluice: sluice does not own it, and leaves it on.
@@ -242,5 +252,16 @@ fn run_refuses_a_proxy_port_in_use_and_installs_nothing() {
     let output = sluice_cli(&ns, &["run", "--ports", "9080", "--install-rules"]);
     let stderr = failed(&output);
     assert!(stderr.contains("15006 is already in use"), "{stderr}");
+    assert_clean(&ns);
+}
+
+#[test]
+fn default_dry_run_excludes_the_proxy_and_admin_ports() {
+    // No flags: what a first run installs. 15000 (admin), 15006 (proxy),
+    // 15020 (metrics), 15021 (readiness), 15090 are never intercepted.
+    let ns = Netns::new("drydef").expect("netns");
+    let output = sluice_cli(&ns, &["rules", "install", "--dry-run"]);
+    let golden = include_str!("golden/tproxy-default-dry-run.txt");
+    assert_eq!(ok(&output), golden);
     assert_clean(&ns);
 }

@@ -21,6 +21,7 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
     Forwarded {
         upstream: to_upstream,
         downstream: to_client,
+        fell_back: false,
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Forwarded {
     pub upstream: Direction,
     /// workload → client
     pub downstream: Direction,
+    /// The sockmap forwarder could not take the connection; copy did.
+    pub fell_back: bool,
 }
 
 /// The forwarder a process runs with, and what it needs: the sockmap
@@ -117,7 +119,9 @@ pub async fn forward(
                 // No byte went through the kernel's redirect: copy can take
                 // the connection from its first byte.
                 sockmap::warn_not_joined(&error);
-                Ok(copy::forward(client, upstream).await)
+                let mut forwarded = copy::forward(client, upstream).await;
+                forwarded.fell_back = true;
+                Ok(forwarded)
             }
             sockmap::Outcome::Failed(error) => Err(error),
         },

@@ -230,6 +230,7 @@ pub async fn forward(engine: &SockmapEngine, client: &TcpStream, upstream: &TcpS
     Outcome::Forwarded(Forwarded {
         upstream: to_upstream,
         downstream: to_client,
+        fell_back: false,
     })
 }
 

@@ -44,6 +44,7 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> io::Result<For
     Ok(Forwarded {
         upstream: to_upstream,
         downstream: to_client,
+        fell_back: false,
     })
 }
 

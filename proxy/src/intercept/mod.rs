@@ -295,8 +295,8 @@ impl std::fmt::Display for Status {
         if let Some(state) = &self.routing {
             writeln!(f, "# policy routing")?;
             let present = |yes: bool| if yes { "present" } else { "missing" };
-            let on = if state.fwmark_accept { "on" } else { "off" };
-            writeln!(f, "net.ipv4.tcp_fwmark_accept: {on}")?;
+            let on = if state.sysctls { "on" } else { "off" };
+            writeln!(f, "sysctls tcp_fwmark_accept, fwmark_reflect: {on}")?;
             writeln!(f, "fwmark rule v4: {}", present(state.rule_v4))?;
             if state.ipv6 {
                 writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;

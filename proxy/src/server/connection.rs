@@ -5,13 +5,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
-use super::stats::{ConnectFailure, Refused};
+use super::stats::{self, ConnectFailure, Refused};
 use super::worker::{Registration, Settings, Worker};
 use crate::forward::{self, End};
 use crate::linux;
@@ -35,32 +34,36 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, Some(destination.addr), reason);
     }
 
+    let connect_started = Instant::now();
     let upstream = match connect(&registration, peer, destination.addr, &settings).await {
         Ok(upstream) => upstream,
         Err((failure, error)) => {
-            worker.stats.connect_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+            stats::add(&worker.stats.connect_failures[failure as usize], 1);
             debug!(client = %peer, %destination, %error, reason = failure.label(), "workload unreachable; connection reset");
             let _ = linux::reset_on_close(&client);
             return;
         }
     };
-    registration.forwarding(&upstream);
+    let opened = registration.forwarding(&upstream);
+    let stats = &worker.stats;
+    stats::add(&stats.opened, 1);
+    stats.connect_duration.observe(opened - connect_started);
 
-    let forwarded = match forward::forward(&settings.forwarding, &client, &upstream).await {
+    let forwarded = forward::forward(&settings.forwarding, &client, &upstream).await;
+    stats.connection_duration.observe(opened.elapsed());
+    stats::add(&stats.closed, 1);
+    let forwarded = match forwarded {
         Ok(forwarded) => forwarded,
         Err(error) => {
             debug!(client = %peer, %error, "forwarder could not start; connection reset");
             return;
         }
     };
-    let stats = &worker.stats;
-    stats.closed.fetch_add(1, Ordering::Relaxed);
-    stats
-        .bytes_to_workload
-        .fetch_add(forwarded.upstream.bytes, Ordering::Relaxed);
-    stats
-        .bytes_to_client
-        .fetch_add(forwarded.downstream.bytes, Ordering::Relaxed);
+    stats::add(&stats.bytes_to_workload, forwarded.upstream.bytes);
+    stats::add(&stats.bytes_to_client, forwarded.downstream.bytes);
+    if forwarded.fell_back {
+        stats::add(&stats.forwarder_fallbacks, 1);
+    }
     for (side, direction) in [
         ("client", &forwarded.upstream),
         ("workload", &forwarded.downstream),

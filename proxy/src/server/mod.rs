@@ -5,7 +5,10 @@
 //!
 //! Control stays on the main thread (rules, signals, drain); the workers
 //! share nothing mutable with it but their own counters and the phase it
-//! sets.
+//! sets. The admin side (metrics, readiness, admin endpoints; see
+//! [`crate::admin`]) runs on a thread of its own and only reads those.
+//! Once everything is bound and installed, sluice drops the capabilities it
+//! no longer needs, before any other thread starts.
 //!
 //! Stopping (SIGTERM or SIGINT): the workers refuse new connections with a
 //! reset (the interception stays in place, so none reaches the workload
@@ -32,16 +35,19 @@ use nix::sys::signal::{SigSet, Signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminOptions};
 use crate::config::{Forwarder, Mode, Policy};
 use crate::forward;
 use crate::intercept::{self, ebpf, Plan};
 use crate::linux;
 use crate::listener::{self, Listeners};
+use crate::privileges;
 use crate::routing::{self, BypassSource};
 use crate::upstream;
 use stats::WorkerStats;
+pub use worker::Phase;
 pub use worker::PANIC_AFTER_ENV;
-use worker::{Phase, Settings, Worker};
+use worker::{Settings, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,6 +71,10 @@ pub enum Error {
     NoIpv6Listener,
     #[error("a worker thread {0}; sluice stops so that it can be restarted (see the log above)")]
     WorkerDied(&'static str),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+    #[error("dropping capabilities")]
+    Privileges(#[from] privileges::Error),
 }
 
 pub struct RunOptions {
@@ -81,6 +91,8 @@ pub struct RunOptions {
     /// `None`: what the descriptor limit holds.
     pub max_connections: Option<u32>,
     pub upstream_source: upstream::Source,
+    /// Metrics, readiness and admin endpoints.
+    pub admin: AdminOptions,
 }
 
 /// How often the control thread looks at the workers while it waits.
@@ -103,6 +115,9 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         .thread_block()
         .map_err(|e| Error::Signals(e.into()))?;
     install_panic_hook();
+    // First, so a port in use fails start-up before anything is installed.
+    let admin_listeners = admin::Listeners::bind(&options.admin)?;
+    let config = admin::effective_config(&options);
 
     let max_connections = max_connections(&options);
     let policy = options.policy;
@@ -127,6 +142,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
 
     // Once for all workers: the sockmap forwarder's program and maps.
     let forwarding = forward::Forwarding::new(options.forwarder);
+    drop_capabilities(policy.mode, forwarding.forwarder())?;
     let settings = Arc::new(Settings {
         mode: policy.mode,
         proxy_port: policy.proxy_port,
@@ -143,16 +159,28 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let (phase, phase_rx) = watch::channel(Phase::Serving);
     let (exits_tx, exits) = mpsc::channel();
     let (started_tx, started_rx) = mpsc::channel();
-    let mut stats = Vec::new();
-    for index in 0..options.workers {
+    let stats: Vec<Arc<WorkerStats>> = (0..options.workers).map(|_| Arc::default()).collect();
+    let expected = match policy.mode {
+        Mode::Ebpf => admin::Expected::Ebpf(ebpf::EbpfPolicy::from_policy(&policy)),
+        Mode::Tproxy | Mode::Redirect => admin::Expected::Rules(Plan::for_families(&policy, ipv6)),
+    };
+    let shared = Arc::new(admin::Shared::new(
+        stats.clone(),
+        phase_rx.clone(),
+        policy.mode,
+        forwarding.forwarder(),
+        config,
+        expected,
+        options.admin.log.clone(),
+    ));
+    admin::start(admin_listeners, shared.clone())?;
+    for (index, worker_stats) in stats.iter().enumerate() {
         let listeners = std::iter::once(&listeners.v4)
             .chain(&listeners.v6)
             .map(std::net::TcpListener::try_clone)
             .collect::<io::Result<Vec<_>>>()
             .map_err(Error::Worker)?;
-        let worker_stats = Arc::new(WorkerStats::default());
-        stats.push(worker_stats.clone());
-        let worker = Worker::new(settings.clone(), worker_stats);
+        let worker = Worker::new(settings.clone(), worker_stats.clone());
         let (started, phase, exit) = (started_tx.clone(), phase_rx.clone(), exits_tx.clone());
         std::thread::Builder::new()
             .name(format!("sluice-worker-{index}"))
@@ -169,6 +197,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
             Err(_) => return Err(Error::WorkerDied("died at start")),
         }
     }
+    shared.workers_running.store(true, Ordering::SeqCst);
     info!(
         mode = %policy.mode,
         forward = ?forwarding.forwarder(),
@@ -189,6 +218,38 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     };
     let signal = control.serve()?;
     control.drain(signal, options.drain_timeout)
+}
+
+/// Keeps only the capabilities the rest of the run needs, and sets
+/// `no_new_privs`. Binding the transparent listeners, installing the rules
+/// and loading BPF programs are done by now.
+fn drop_capabilities(mode: Mode, forwarder: Forwarder) -> Result<(), Error> {
+    use caps::Capability;
+    // NET_ADMIN: readiness reads the rules (iptables-save) and the routes;
+    // --install-rules removes them at exit; ebpf mode removes ::6 from lo.
+    let mut keep = vec![Capability::CAP_NET_ADMIN];
+    match mode {
+        // iptables-legacy reads the rules through a raw socket.
+        Mode::Tproxy | Mode::Redirect => keep.push(Capability::CAP_NET_RAW),
+        // Readiness finds the sk_lookup link and reads its maps by id
+        // (BPF_*_GET_FD_BY_ID), which only CAP_SYS_ADMIN may.
+        Mode::Ebpf => keep.push(Capability::CAP_SYS_ADMIN),
+    }
+    if forwarder == Forwarder::Sockmap {
+        // Each connection is put in the sockmap by descriptor; kept in case
+        // the kernel checks it there too.
+        keep.push(Capability::CAP_BPF);
+    }
+    let kept = privileges::keep_only(&keep)?;
+    let mut names: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    names.sort();
+    info!(kept = ?names, "capabilities dropped; no_new_privs set");
+    Ok(())
+}
+
+/// Whether a worker panicked (the process is going down).
+pub fn worker_panicked() -> bool {
+    worker::PANICKED.load(Ordering::SeqCst)
 }
 
 /// `--max-connections`, or what the descriptor limit holds once raised.

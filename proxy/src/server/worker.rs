@@ -22,7 +22,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use super::connection;
-use super::stats::{Refused, WorkerStats};
+use super::stats::{self, Refused, WorkerStats};
 use crate::config::Mode;
 use crate::forward::Forwarding;
 use crate::linux;
@@ -190,7 +190,7 @@ impl Worker {
     }
 
     fn accepted(self: &Rc<Self>, stream: TcpStream, peer: ClientAddr) {
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats::add(&self.stats.accepted, 1);
         let count = self.accepted.get() + 1;
         self.accepted.set(count);
         if self.settings.panic_after == Some(count) {
@@ -215,7 +215,7 @@ impl Worker {
         destination: Option<SocketAddr>,
         reason: Refused,
     ) {
-        self.stats.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+        stats::add(&self.stats.refused[reason as usize], 1);
         let _ = linux::reset_on_close(client);
         self.refusals.warn(|suppressed| match destination {
             Some(destination) => {
@@ -315,7 +315,7 @@ impl Worker {
                             *received = now_received;
                             *changed = now;
                         } else if idle.is_some_and(|idle| now - *changed >= idle) {
-                            self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                            stats::add(&self.stats.idle_timeouts, 1);
                             let _ = linux::abort(&tracked.client);
                             let _ = linux::abort(upstream);
                         }
@@ -342,7 +342,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// A connect to the workload, begun `since`, is under way on `upstream`.
+    /// A connect to the workload, begun `since` (its first attempt), is
+    /// under way on `upstream`.
     pub fn connecting(&self, upstream: &impl AsRawFd, since: Instant) {
         self.set(Stage::Connecting {
             upstream: upstream.as_raw_fd(),
@@ -356,12 +357,15 @@ impl Registration {
         self.set(Stage::Accepted);
     }
 
-    pub fn forwarding(&self, upstream: &impl AsRawFd) {
+    /// Returns when forwarding started (the metrics reuse it).
+    pub fn forwarding(&self, upstream: &impl AsRawFd) -> Instant {
+        let now = Instant::now();
         self.set(Stage::Forwarding {
             upstream: upstream.as_raw_fd(),
             received: 0,
-            changed: Instant::now(),
+            changed: now,
         });
+        now
     }
 
     /// Whether the sweep ended the upstream connect for taking too long.

@@ -1,0 +1,108 @@
+//! `GET /config_dump` and `sluice run --dry-run`: the effective
+//! configuration, what is installed, and the kernel facts sluice relies on.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::Shared;
+use crate::config::{Policy, Ports};
+use crate::server::RunOptions;
+
+/// The configuration `sluice run` works with, once validated and defaulted.
+pub fn effective_config(options: &RunOptions) -> Value {
+    let listen = |addr: Option<std::net::SocketAddr>| match addr {
+        Some(addr) => json!(addr.to_string()),
+        None => json!("off"),
+    };
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "policy": policy(&options.policy),
+        "forward": format!("{:?}", options.forwarder).to_lowercase(),
+        "install_rules": options.install_rules,
+        "pin": options.pin.as_ref().map(|p| p.display().to_string()),
+        "workers": options.workers,
+        "connect_timeout": seconds(options.connect_timeout),
+        "idle_timeout": seconds(options.idle_timeout),
+        "drain_timeout": seconds(options.drain_timeout),
+        "max_connections": options.max_connections,
+        "metrics_addr": listen(options.admin.metrics),
+        "readiness_addr": listen(options.admin.readiness),
+        "admin_addr": listen(options.admin.admin),
+    })
+}
+
+fn policy(policy: &Policy) -> Value {
+    json!({
+        "mode": policy.mode.to_string(),
+        "proxy_port": policy.proxy_port,
+        "ports": match &policy.ports {
+            Ports::All => json!("*"),
+            Ports::List(ports) => json!(ports),
+        },
+        "exclude_ports": policy.exclude_ports,
+        "exclude_cidrs": policy.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "exclude_interfaces": policy.exclude_interfaces,
+        "mark": policy.mark,
+        "table": policy.table,
+    })
+}
+
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+/// The facts of this kernel and process that sluice depends on.
+pub fn kernel_facts() -> Value {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let effective = caps::read(None, caps::CapSet::Effective)
+        .map(|set| {
+            let mut names: Vec<String> = set.iter().map(ToString::to_string).collect();
+            names.sort();
+            json!(names)
+        })
+        .unwrap_or_else(|e| json!(format!("cannot read: {e}")));
+    json!({
+        "release": read("/proc/sys/kernel/osrelease"),
+        // 0: allowed; 1: root only; 2: disabled. Absent before 6.6.
+        "io_uring_disabled": read("/proc/sys/kernel/io_uring_disabled"),
+        // TPROXY's accepted sockets need it for the client-source mode.
+        "tcp_fwmark_accept": read("/proc/sys/net/ipv4/tcp_fwmark_accept"),
+        "unprivileged_bpf_disabled": read("/proc/sys/kernel/unprivileged_bpf_disabled"),
+        "may_load_bpf": crate::linux::may_load_bpf().ok(),
+        "capabilities": effective,
+        "no_new_privs": nix::sys::prctl::get_no_new_privs().ok(),
+        "uid": nix::unistd::getuid().as_raw(),
+    })
+}
+
+/// Everything `GET /config_dump` shows.
+pub fn config_dump(shared: &Shared) -> Value {
+    let interception = shared.interception();
+    let workers_running = shared
+        .workers_running
+        .load(std::sync::atomic::Ordering::SeqCst);
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "mode": shared.mode.to_string(),
+        "forwarder": format!("{:?}", shared.forwarder).to_lowercase(),
+        "config": shared.config,
+        "workers": {
+            "count": shared.stats.len(),
+            // io_uring is available: every worker's runtime came up.
+            "running": workers_running,
+        },
+        "draining": shared.draining(),
+        "ready": shared.readiness().is_ok(),
+        "interception": interception.map(|i| json!({
+            "matches": i.matches,
+            "installed": i.installed,
+            "checked_seconds_ago": i.checked.elapsed().as_secs_f64(),
+        })),
+        "kernel": kernel_facts(),
+    })
+}

@@ -1,0 +1,224 @@
+//! The Kubernetes manifests under deploy/, checked without a cluster: every
+//! document parses, the sluice containers' arguments are accepted by
+//! sluice's own command line (`--dry-run`), the init container and the
+//! sidecar agree on the policy, the probes and the scrape annotation point
+//! at sluice's defaults, the grace period fits the drain, and each sluice
+//! container is granted exactly the capabilities its mode needs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use netlab::Netns;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn manifests() -> Vec<(PathBuf, Vec<Yaml>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("deploy/ exists") {
+        let path = entry.expect("deploy/ entry").path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let text = std::fs::read_to_string(&path).expect("read manifest");
+            let docs = YamlLoader::load_from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            found.push((path, docs));
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!found.is_empty(), "no manifest in {}", dir.display());
+    found
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn is_sluice(container: &Yaml) -> bool {
+    container["image"]
+        .as_str()
+        .is_some_and(|image| image.contains("sluice"))
+}
+
+/// Runs sluice with `args` in a namespace of its own (a broken --dry-run
+/// could touch nothing else); its stdout on success.
+fn sluice_ok(ns: &Netns, args: &[String]) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = sluice_cli(ns, &args);
+    assert!(
+        output.status.success(),
+        "sluice {args:?} refused the manifest's arguments: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `sluice run --dry-run` of `args` (which start with `run`).
+fn run_config(ns: &Netns, args: &[String]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--dry-run".into());
+    serde_json::from_str(&sluice_ok(ns, &args)).expect("run --dry-run prints JSON")
+}
+
+fn capabilities(container: &Yaml) -> (BTreeSet<String>, BTreeSet<String>) {
+    let caps = &container["securityContext"]["capabilities"];
+    (
+        strings(&caps["add"]).into_iter().collect(),
+        strings(&caps["drop"]).into_iter().collect(),
+    )
+}
+
+fn port_of(addr: &serde_json::Value) -> i64 {
+    addr.as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not an address: {addr}"))
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn manifests_agree_with_sluice() {
+    let ns = Netns::new("manifest").expect("netns");
+    let mut sidecars = 0;
+    for (path, docs) in manifests() {
+        let name = path.display().to_string();
+        for doc in docs
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some("Deployment"))
+        {
+            let pod = &doc["spec"]["template"];
+            let spec = &pod["spec"];
+            let containers = spec["containers"].as_vec().expect("containers");
+            let init = spec["initContainers"].as_vec().cloned().unwrap_or_default();
+            assert!(
+                !containers.iter().any(is_sluice),
+                "{name}: sluice must be a native sidecar (an init container with restartPolicy Always), not a container"
+            );
+            for workload in containers {
+                let (add, _) = capabilities(workload);
+                assert!(add.is_empty(), "{name}: the workload is granted {add:?}");
+                assert_eq!(
+                    workload["securityContext"]["runAsNonRoot"].as_bool(),
+                    Some(true),
+                    "{name}: the workload runs as non-root"
+                );
+            }
+
+            let sidecar: Vec<&Yaml> = init
+                .iter()
+                .filter(|c| is_sluice(c) && c["restartPolicy"].as_str() == Some("Always"))
+                .collect();
+            assert_eq!(sidecar.len(), 1, "{name}: one sluice sidecar");
+            let sidecar = sidecar[0];
+            sidecars += 1;
+            let args = strings(&sidecar["args"]);
+            assert_eq!(args.first().map(String::as_str), Some("run"), "{name}");
+            assert_eq!(strings(&sidecar["command"]), ["sluice"], "{name}");
+            let config = run_config(&ns, &args);
+            let mode = config["policy"]["mode"].as_str().expect("mode").to_string();
+
+            // Probes and the scrape annotation point at sluice's endpoints.
+            let readiness = port_of(&config["readiness_addr"]);
+            for probe in ["readinessProbe", "startupProbe"] {
+                let http = &sidecar[probe]["httpGet"];
+                assert_eq!(
+                    http["path"].as_str(),
+                    Some("/healthz/ready"),
+                    "{name} {probe}"
+                );
+                assert_eq!(http["port"].as_i64(), Some(readiness), "{name} {probe}");
+            }
+            assert_eq!(readiness, 15021, "{name}: the readiness default");
+            let annotations = &pod["metadata"]["annotations"];
+            assert_eq!(annotations["prometheus.io/scrape"].as_str(), Some("true"));
+            assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
+            let metrics = port_of(&config["metrics_addr"]);
+            assert_eq!(
+                annotations["prometheus.io/port"].as_str(),
+                Some(metrics.to_string().as_str()),
+                "{name}"
+            );
+            assert_eq!(metrics, 15020, "{name}: the metrics default");
+
+            // The grace period covers the workload's preStop and sluice's drain.
+            let drain = config["drain_timeout"].as_f64().expect("drain_timeout");
+            let pre_stop = containers
+                .iter()
+                .filter_map(|c| c["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64())
+                .max()
+                .unwrap_or(0);
+            let grace = spec["terminationGracePeriodSeconds"]
+                .as_i64()
+                .expect("terminationGracePeriodSeconds");
+            assert!(
+                grace as f64 >= pre_stop as f64 + drain + 10.0,
+                "{name}: {grace}s of grace for a {pre_stop}s preStop and a {drain}s drain"
+            );
+
+            // Exactly the capabilities the mode needs; everything else dropped.
+            let needed = match mode.as_str() {
+                "ebpf" => set(&["NET_ADMIN", "BPF", "SYS_ADMIN"]),
+                _ => set(&["NET_ADMIN", "NET_RAW"]),
+            };
+            let (add, drop) = capabilities(sidecar);
+            assert_eq!(add, needed, "{name}: sidecar capabilities in {mode} mode");
+            assert_eq!(drop, set(&["ALL"]), "{name}");
+            assert_eq!(
+                sidecar["securityContext"]["allowPrivilegeEscalation"].as_bool(),
+                Some(false),
+                "{name}"
+            );
+
+            // The init container installs what the sidecar expects.
+            let installers: Vec<&Yaml> = init
+                .iter()
+                .filter(|c| is_sluice(c) && c["restartPolicy"].as_str() != Some("Always"))
+                .collect();
+            match mode.as_str() {
+                // `sluice run` attaches the program itself.
+                "ebpf" => assert!(installers.is_empty(), "{name}"),
+                _ => {
+                    assert_eq!(installers.len(), 1, "{name}: one init container");
+                    let installer = installers[0];
+                    let args = strings(&installer["args"]);
+                    assert_eq!(args[..2], ["rules", "install"], "{name}");
+                    let mut dry = args.clone();
+                    dry.push("--dry-run".into());
+                    sluice_ok(&ns, &dry);
+                    // The policy flags are shared: `run` with the installer's
+                    // flags must see the sidecar's policy.
+                    let as_run: Vec<String> = std::iter::once("run".to_string())
+                        .chain(args[2..].iter().cloned())
+                        .collect();
+                    assert_eq!(
+                        run_config(&ns, &as_run)["policy"],
+                        config["policy"],
+                        "{name}: the init container and the sidecar disagree on the policy"
+                    );
+                    assert!(!args.contains(&"--install-rules".to_string()), "{name}");
+                    let (add, drop) = capabilities(installer);
+                    assert_eq!(add, set(&["NET_ADMIN", "NET_RAW"]), "{name}: init");
+                    assert_eq!(drop, set(&["ALL"]), "{name}: init");
+                }
+            }
+        }
+    }
+    assert!(sidecars >= 2, "the tproxy and the ebpf variants");
+    let saved = ns
+        .output(&mut std::process::Command::new("iptables-save"))
+        .expect("iptables-save");
+    assert!(
+        !String::from_utf8_lossy(&saved.stdout).contains("SLUICE"),
+        "a dry run installed rules"
+    );
+}
