@@ -247,6 +247,7 @@ fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding
             server.ip(),
             sluice::upstream::Source::Bypass,
             UPSTREAM_MARK,
+            false,
         )
         .expect("forwarder: upstream socket");
         let upstream = pending

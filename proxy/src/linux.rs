@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::fcntl::{OFlag, SpliceFFlags};
 
-use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 /// Source address of sluice's own connection to the workload (Istio's
 /// convention): the interception rules let packets from it on `lo` pass, so
@@ -44,6 +44,8 @@ pub fn listener(
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_mark(mark)?;
+    // Accepted sockets inherit it: no call per connection.
+    socket.set_tcp_nodelay(true)?;
     match addr {
         SocketAddr::V4(_) => socket.set_ip_transparent_v4(transparent)?,
         SocketAddr::V6(_) => {
@@ -84,7 +86,9 @@ pub fn upstream_socket(
     };
     let socket = Socket::new(Domain::for_address(destination), kind, None)?;
     socket.set_tcp_nodelay(true)?;
-    set_keepalive(&socket)?;
+    // The peer is in the pod, over lo: if it goes, the kernel says so at
+    // once; the namespace's keepalive timing is all this leg needs.
+    socket.set_keepalive(true)?;
     socket.set_mark(mark)?;
     socket.bind_device(Some(b"lo"))?;
     Ok(socket)
@@ -157,6 +161,18 @@ pub fn shutdown_read(socket: &impl AsRawFd) -> io::Result<()> {
 
 pub fn set_nodelay(socket: &impl AsRawFd) -> io::Result<()> {
     with_sockref(socket, |s| s.set_tcp_nodelay(true))
+}
+
+/// Puts a socket back in blocking mode, in one call (`FIONBIO`; changing
+/// the file flags takes two).
+pub fn set_blocking(socket: &impl AsRawFd) -> io::Result<()> {
+    let mut off: libc::c_int = 0;
+    // SAFETY: FIONBIO reads one int through the pointer.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONBIO, &mut off) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Puts a socket in non-blocking mode, so that `splice(2)` on it returns
@@ -354,23 +370,6 @@ impl Pipe {
 fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
-}
-
-/// Whether `ip` is an address of this network namespace: binding to it
-/// succeeds only if so (the TPROXY local table does not count; `bind()`
-/// looks at the real local table).
-pub fn is_local_address(ip: IpAddr) -> io::Result<bool> {
-    let socket = Socket::new(
-        Domain::for_address(SocketAddr::new(ip, 0)),
-        Type::STREAM,
-        None,
-    )?;
-    bind_address_no_port(&socket)?;
-    match socket.bind(&SockAddr::from(SocketAddr::new(ip, 0))) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Whether this process holds CAP_NET_ADMIN in its effective set, which every

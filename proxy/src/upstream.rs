@@ -61,17 +61,21 @@ impl AsRawFd for Pending {
 /// would take the port of a client connection to come, or of one that is
 /// open (the mirror image: two sockets in the pod for one 4-tuple, seen
 /// from either end), and one of the two hangs. `IP_LOCAL_PORT_RANGE` cannot
-/// help: the kernel only narrows the pod's range with it. The search runs
-/// the ports in turn with a non-blocking `connect()`, which says at once
-/// whether the 4-tuple is free (EADDRNOTAVAIL when another connection, or a
-/// TIME_WAIT too young to reuse, holds it): a run of thousands of ports
-/// held by open connections costs milliseconds, not a ring trip each. It
+/// help: the kernel only narrows the pod's range with it.
+///
+/// Each worker walks the range in turn. The next port is nearly always free,
+/// so the ring makes the connect. When it was not (`search`: the last try
+/// said EADDRNOTAVAIL, the 4-tuple is held by another connection or a
+/// TIME_WAIT too young to reuse), the ports are tried in turn with a
+/// non-blocking `connect()`, which says at once: a run of thousands of ports
+/// held by open connections costs milliseconds, not a ring trip each. That
 /// fails with EADDRNOTAVAIL when the whole range is taken.
 pub fn start(
     destination: SocketAddr,
     client: IpAddr,
     source: Source,
     mark: u32,
+    search: bool,
 ) -> io::Result<Pending> {
     let (low, high) = match source {
         Source::Bypass => {
@@ -85,14 +89,15 @@ pub fn start(
         Source::Client { ports } => ports,
     };
     let span = u32::from(high) - u32::from(low) + 1;
-    for _ in 0..span {
+    let tries = if search { span } else { 1 };
+    for _ in 0..tries {
         let offset = NEXT_PORT.with(|next| {
             let offset = next.get() % span;
             next.set(offset + 1);
             offset
         });
         let port = u16::try_from(u32::from(low) + offset).unwrap_or(low);
-        let socket = linux::upstream_socket(destination, mark, true)?;
+        let socket = linux::upstream_socket(destination, mark, search)?;
         let taken = |error: &io::Error| {
             matches!(
                 error.raw_os_error(),
@@ -101,8 +106,18 @@ pub fn start(
         };
         match linux::bind_transparent(&socket, SocketAddr::new(client, port)) {
             Ok(()) => {}
-            Err(error) if taken(&error) => continue,
+            Err(error) if taken(&error) && search => continue,
+            // A port something listens on, say: the caller searches.
+            Err(error) if taken(&error) => {
+                return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+            }
             Err(error) => return Err(error),
+        }
+        if !search {
+            return Ok(Pending {
+                socket,
+                started: false,
+            });
         }
         match linux::start_connect(&socket, destination) {
             Ok(()) => {
@@ -131,7 +146,7 @@ impl Pending {
         }
         // The ring's reads and writes want a blocking socket (they would
         // hand EAGAIN back instead of waiting).
-        self.socket.set_nonblocking(false)?;
+        linux::set_blocking(&self.socket)?;
         Ok(TcpStream::from_std(self.socket.into()))
     }
 }

@@ -7,7 +7,7 @@
 //! nat PREROUTING -p tcp -> SLUICE_PREROUTING
 //!   1. arriving on lo (inside the pod, sluice's own upstream leg among them) -> RETURN
 //!   2. excluded interfaces, source CIDRs, destination ports -> RETURN
-//!   3. intercepted ports -> REDIRECT --to-ports <proxy-port>
+//!   3. intercepted ports of a local address -> REDIRECT --to-ports <proxy-port>
 //! ```
 //!
 //! nat rules see only the first packet of a connection, so no divert rule is
@@ -15,6 +15,7 @@
 
 use crate::config::{Policy, Ports};
 use crate::intercept::rules::{Family, RuleSet};
+use crate::intercept::tproxy::LOCAL;
 
 const TABLE: &str = "nat";
 const ENTRY: &str = "SLUICE_PREROUTING";
@@ -26,10 +27,13 @@ pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
     super::push_exclusions(&mut set, ENTRY, policy, family);
     let redirect = format!("-j REDIRECT --to-ports {}", policy.proxy_port);
     match &policy.ports {
-        Ports::All => set.push(ENTRY, format!("-p tcp {redirect}")),
+        Ports::All => set.push(ENTRY, format!("-p tcp {LOCAL} {redirect}")),
         Ports::List(ports) => {
             for port in ports {
-                set.push(ENTRY, format!("-p tcp -m tcp --dport {port} {redirect}"));
+                set.push(
+                    ENTRY,
+                    format!("-p tcp {LOCAL} -m tcp --dport {port} {redirect}"),
+                );
             }
         }
     }

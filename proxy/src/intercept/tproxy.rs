@@ -7,7 +7,7 @@
 //!   1. not a SYN, and owned by a transparent socket (sluice's) -> SLUICE_DIVERT (mark, accept)
 //!   2. arriving on lo (inside the pod, sluice's own upstream leg among them) -> RETURN
 //!   3. excluded interfaces, source CIDRs, destination ports -> RETURN
-//!   4. SYNs to intercepted ports -> TPROXY --on-port <proxy-port> --tproxy-mark <mark>
+//!   4. SYNs to intercepted ports of a local address -> TPROXY --on-port <proxy-port> --tproxy-mark <mark>
 //! ```
 //!
 //! Rule 4 takes SYNs only. TPROXY drops a packet for which it finds no
@@ -17,6 +17,11 @@
 //! rules. Those are not sluice's to take; the packets of sluice's own flows
 //! after the SYN are found by rule 1, or by the ordinary local delivery (the
 //! destination is one of the pod's addresses).
+//!
+//! Rule 4 takes only destinations that are addresses of the pod
+//! (`addrtype LOCAL`): sluice is no open relay, and the kernel says so in
+//! the same lookup it routes with, where sluice would otherwise check each
+//! connection's destination itself.
 //!
 //! Rule 2 keeps connections that stay inside the pod (to 127.0.0.0/8, ::1 or
 //! the pod's own addresses, from the pod itself) away from sluice, as Istio's
@@ -38,6 +43,8 @@ const ENTRY: &str = "SLUICE_PREROUTING";
 const DIVERT: &str = "SLUICE_DIVERT";
 /// A SYN and nothing else among FIN, SYN, RST, ACK: a new connection.
 const SYN: &str = "--tcp-flags FIN,SYN,RST,ACK SYN";
+/// To one of the pod's own addresses.
+pub(super) const LOCAL: &str = "-m addrtype --dst-type LOCAL";
 
 pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
     let any = match family {
@@ -59,12 +66,12 @@ pub fn rule_set(policy: &Policy, family: Family) -> RuleSet {
         policy.proxy_port, policy.mark
     );
     match &policy.ports {
-        Ports::All => set.push(ENTRY, format!("-p tcp -m tcp {SYN} {tproxy}")),
+        Ports::All => set.push(ENTRY, format!("-p tcp {LOCAL} -m tcp {SYN} {tproxy}")),
         Ports::List(ports) => {
             for port in ports {
                 set.push(
                     ENTRY,
-                    format!("-p tcp -m tcp --dport {port} {SYN} {tproxy}"),
+                    format!("-p tcp {LOCAL} -m tcp --dport {port} {SYN} {tproxy}"),
                 );
             }
         }

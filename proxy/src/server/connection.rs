@@ -22,7 +22,6 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, None, Refused::Draining);
     };
     let settings = worker.settings.clone();
-    let _ = linux::set_nodelay(&client);
     let destination = match listener::original_dst(settings.mode, &client) {
         Ok(destination) => destination,
         Err(error) => {
@@ -86,10 +85,10 @@ const PORT_RETRY: Duration = Duration::from_millis(20);
 
 /// Connects to the workload, within the connect timeout (the worker's sweep
 /// aborts a connect that takes longer). EADDRNOTAVAIL, no free source port
-/// for this destination right now (every one is held, or in a TIME_WAIT
-/// less than a second old under a connection rate beyond the port range per
-/// second), is tried again every 20 ms until the timeout: a burst is slowed
-/// down, not failed.
+/// for this destination (every one is held, or in a TIME_WAIT less than a
+/// second old under a connection rate beyond the port range per second),
+/// is a search of the range (see `upstream::start`), then tried again every
+/// 20 ms until the timeout: a burst is slowed down, not failed.
 async fn connect(
     registration: &Registration,
     client: ClientAddr,
@@ -97,12 +96,14 @@ async fn connect(
     settings: &Settings,
 ) -> Result<TcpStream, (ConnectFailure, io::Error)> {
     let started = Instant::now();
+    let mut search = false;
     loop {
         let pending = upstream::start(
             destination,
             client.0.ip(),
             settings.upstream_source,
             settings.mark,
+            search,
         );
         let attempt = match pending {
             Ok(pending) => {
@@ -124,19 +125,26 @@ async fn connect(
         if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
             return Err((ConnectFailure::of(&error), error));
         }
-        tokio::time::sleep(PORT_RETRY).await;
+        // The first miss searches the range at once; a search that found
+        // nothing waits a little for TIME_WAITs to come of age.
+        if search {
+            tokio::time::sleep(PORT_RETRY).await;
+        }
+        search = true;
     }
 }
 
-/// sluice only forwards to the namespace's own addresses: anything else
-/// would make it an open relay.
+/// Never to sluice's own port: that would loop.
+///
+/// sluice is no open relay, and needs no look per connection to be sure:
+/// the interception takes only the pod's own addresses (`addrtype LOCAL` in
+/// the rules; sk_lookup only runs for locally delivered packets; REDIRECT
+/// rewrites to a local address), and the upstream socket is bound to `lo`
+/// and routed by its mark into `local default dev lo`, so whatever its
+/// destination, it can only reach a socket of the pod.
 fn check_destination(destination: OrigDst, proxy_port: u16) -> Result<(), Refused> {
     if destination.addr.port() == proxy_port {
         return Err(Refused::OwnPort);
     }
-    match linux::is_local_address(destination.addr.ip()) {
-        Ok(true) => Ok(()),
-        // An error (out of descriptors, say) refuses too: never relay on doubt.
-        Ok(false) | Err(_) => Err(Refused::NotLocal),
-    }
+    Ok(())
 }
