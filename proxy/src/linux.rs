@@ -43,6 +43,7 @@ pub fn listener(
 ) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_mark(mark)?;
     // Accepted sockets inherit it: no call per connection.
     socket.set_tcp_nodelay(true)?;
@@ -56,6 +57,17 @@ pub fn listener(
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())
+}
+
+/// Whether `addr` can be bound by a socket without `SO_REUSEPORT`: EADDRINUSE
+/// when something listens there.
+pub fn port_free(addr: SocketAddr) -> io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())
 }
 
 /// A socket for sluice's connection to the workload at `destination`, not

@@ -57,35 +57,57 @@ pub enum Error {
     },
 }
 
-/// One listening socket per family, shared by every worker thread. No IPv6
-/// listener on a kernel without IPv6; a namespace that only has IPv6
-/// disabled still gets one (it can bind, and simply receives nothing).
+/// The listening sockets: one per worker and family, in one `SO_REUSEPORT`
+/// group per family, so that each worker accepts from a queue of its own
+/// (the kernel spreads connections over the group by their hash, TPROXY's
+/// and sk_lookup's listener lookups included) rather than every worker
+/// waking for one shared queue. No IPv6 listeners on a kernel without IPv6;
+/// a namespace that only has IPv6 disabled still gets them (they can bind,
+/// and simply receive nothing).
 pub struct Listeners {
-    pub v4: std::net::TcpListener,
-    pub v6: Option<std::net::TcpListener>,
+    pub v4: Vec<std::net::TcpListener>,
+    pub v6: Vec<std::net::TcpListener>,
 }
 
 const BACKLOG: i32 = 4096;
 
 impl Listeners {
-    /// `mark`: see `linux::listener`.
-    pub fn bind(mode: Mode, port: u16, mark: u32) -> Result<Listeners, Error> {
+    /// `count` listeners per family; `mark`: see `linux::listener`.
+    pub fn bind(mode: Mode, port: u16, mark: u32, count: usize) -> Result<Listeners, Error> {
         // sk_lookup hands connections to any listening socket of the right
         // family, whatever it is bound to; only TPROXY needs transparency.
         let transparent = mode == Mode::Tproxy;
-        let v6 = match listen((Ipv6Addr::UNSPECIFIED, port).into(), transparent, mark) {
-            Ok(listener) => Some(listener),
+        let v6 = match listen(
+            (Ipv6Addr::UNSPECIFIED, port).into(),
+            transparent,
+            mark,
+            count,
+        ) {
+            Ok(listeners) => listeners,
             Err(Error::Other { source, .. })
                 if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
             {
-                None
+                Vec::new()
             }
             Err(error) => return Err(error),
         };
         Ok(Listeners {
-            v4: listen((Ipv4Addr::UNSPECIFIED, port).into(), transparent, mark)?,
+            v4: listen(
+                (Ipv4Addr::UNSPECIFIED, port).into(),
+                transparent,
+                mark,
+                count,
+            )?,
             v6,
         })
+    }
+
+    /// One listener of each family, for one worker.
+    pub fn take_one(&mut self) -> Vec<std::net::TcpListener> {
+        [&mut self.v4, &mut self.v6]
+            .into_iter()
+            .filter_map(Vec::pop)
+            .collect()
     }
 }
 
@@ -95,34 +117,46 @@ impl Listeners {
 /// container restart binds at once.
 const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 
-fn listen(addr: SocketAddr, transparent: bool, mark: u32) -> Result<std::net::TcpListener, Error> {
+fn listen(
+    addr: SocketAddr,
+    transparent: bool,
+    mark: u32,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
     let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+    let failed = |error: io::Error| match error.raw_os_error() {
+        Some(libc::EADDRINUSE) => Error::PortInUse {
+            port: addr.port(),
+            family,
+        },
+        Some(libc::EPERM) => Error::NotPermitted,
+        _ => Error::Other {
+            addr,
+            source: error,
+        },
+    };
+    // SO_REUSEPORT would let the group join whatever listens there already
+    // with it (another sluice): first make sure nothing does.
     let deadline = Instant::now() + PORT_RELEASE_WAIT;
     loop {
-        let error = match linux::listener(addr, transparent, mark, BACKLOG) {
-            Ok(listener) => {
-                // Accepted sockets inherit it: no call per connection.
-                linux::set_keepalive(&listener).map_err(|source| Error::Other { addr, source })?;
-                return Ok(listener);
-            }
-            Err(error) => error,
-        };
-        return Err(match error.raw_os_error() {
-            Some(libc::EADDRINUSE) if Instant::now() < deadline => {
+        match linux::port_free(addr) {
+            Ok(()) => break,
+            Err(error)
+                if error.raw_os_error() == Some(libc::EADDRINUSE) && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
-                continue;
             }
-            Some(libc::EADDRINUSE) => Error::PortInUse {
-                port: addr.port(),
-                family,
-            },
-            Some(libc::EPERM) => Error::NotPermitted,
-            _ => Error::Other {
-                addr,
-                source: error,
-            },
-        });
+            Err(error) => return Err(failed(error)),
+        }
     }
+    (0..count)
+        .map(|_| {
+            let listener = linux::listener(addr, transparent, mark, BACKLOG).map_err(failed)?;
+            // Accepted sockets inherit it: no call per connection.
+            linux::set_keepalive(&listener).map_err(failed)?;
+            Ok(listener)
+        })
+        .collect()
 }
 
 pub fn original_dst(mode: Mode, accepted: &impl AsRawFd) -> io::Result<OrigDst> {

@@ -122,7 +122,12 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let max_connections = max_connections(&options);
     let policy = options.policy;
     let ipv6 = linux::ipv6_enabled();
-    let listeners = Listeners::bind(policy.mode, policy.proxy_port, policy.listener_mark())?;
+    let mut listeners = Listeners::bind(
+        policy.mode,
+        policy.proxy_port,
+        policy.listener_mark(),
+        options.workers,
+    )?;
     let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
         Some(InstalledRules::install(Plan::for_families(&policy, ipv6))?)
     } else {
@@ -175,11 +180,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     ));
     admin::start(admin_listeners, shared.clone())?;
     for (index, worker_stats) in stats.iter().enumerate() {
-        let listeners = std::iter::once(&listeners.v4)
-            .chain(&listeners.v6)
-            .map(std::net::TcpListener::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(Error::Worker)?;
+        let listeners = listeners.take_one();
         let worker = Worker::new(settings.clone(), worker_stats.clone());
         let (started, phase, exit) = (started_tx.clone(), phase_rx.clone(), exits_tx.clone());
         std::thread::Builder::new()
@@ -394,10 +395,15 @@ impl AttachedProgram {
         listeners: &Listeners,
         pin: Option<&Path>,
     ) -> Result<AttachedProgram, Error> {
-        let v6 = listeners.v6.as_ref().ok_or(Error::NoIpv6Listener)?;
+        // Any member of each reuseport group: the kernel picks within it.
+        let v4 = listeners
+            .v4
+            .first()
+            .ok_or_else(|| Error::Worker(io::Error::other("no IPv4 listener")))?;
+        let v6 = listeners.v6.first().ok_or(Error::NoIpv6Listener)?;
         let routing = UpstreamRouting::install(policy, ipv6)?;
         let wanted = ebpf::EbpfPolicy::from_policy(policy);
-        let (v4, v6) = (listeners.v4.as_fd(), v6.as_fd());
+        let (v4, v6) = (v4.as_fd(), v6.as_fd());
         let attached = match pin {
             Some(dir) => ebpf::Interceptor::attach_pinned(&wanted, v4, v6, dir),
             None => ebpf::Interceptor::attach(&wanted, v4, v6),
