@@ -7,7 +7,11 @@
 //! written by its worker alone; readiness reads the phase the control
 //! thread sets and a check of the installed interception that a helper
 //! thread refreshes every [`CHECK_EVERY`] (reading the rules runs
-//! `iptables-save`, too costly for every probe).
+//! `iptables-save`, too costly for every probe), and only while someone
+//! asks: for [`WANTED_FOR`] after a probe or a config dump. Unasked, it
+//! costs nothing (two `iptables-save` a second would be 1-2% of a core);
+//! the first answer after a long silence may be as old as that silence,
+//! and the next is fresh.
 //!
 //! | port (default) | endpoint |
 //! | --- | --- |
@@ -37,6 +41,9 @@ pub use dump::{effective_config, kernel_facts};
 
 /// How often the installed interception is compared with the flags.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long after a question the comparison goes on (a kubelet probes every
+/// 10 s by default).
+pub const WANTED_FOR: Duration = Duration::from_secs(30);
 
 /// Changes the log filter at run time (`POST /logging?level=...`): given a
 /// level or a RUST_LOG-style filter, it says what is in force now, or why
@@ -188,6 +195,9 @@ pub struct Shared {
     pub expected: Expected,
     pub log: Option<LogControl>,
     interception: Mutex<Option<Interception>>,
+    /// Until when the checker goes on comparing.
+    wanted_until: Mutex<Instant>,
+    checker: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -210,7 +220,28 @@ impl Shared {
             expected,
             log,
             interception: Mutex::new(None),
+            wanted_until: Mutex::new(Instant::now()),
+            checker: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Someone asks: the checker goes on for [`WANTED_FOR`].
+    fn want(&self) {
+        *self
+            .wanted_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + WANTED_FOR;
+        if let Some(checker) = self.checker.get() {
+            checker.unpark();
+        }
+    }
+
+    fn wanted(&self) -> bool {
+        Instant::now()
+            < *self
+                .wanted_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn draining(&self) -> bool {
@@ -218,6 +249,7 @@ impl Shared {
     }
 
     pub fn interception(&self) -> Option<Interception> {
+        self.want();
         self.interception
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -255,11 +287,12 @@ pub fn start(listeners: Listeners, shared: Arc<Shared>) -> Result<(), Error> {
         .map_err(Error::Thread)?;
     let needs_check = listeners.readiness.is_some() || listeners.admin.is_some();
     if needs_check {
+        let shared_for_checker = shared.clone();
         let shared = shared.clone();
         // A plain thread: reading the rules runs iptables-save and opens a
         // netlink runtime of its own, which must not block (or nest in) the
         // admin runtime.
-        std::thread::Builder::new()
+        let checker = std::thread::Builder::new()
             .name("sluice-check".into())
             .spawn(move || loop {
                 let checked = shared.expected.check();
@@ -272,8 +305,12 @@ pub fn start(listeners: Listeners, shared: Arc<Shared>) -> Result<(), Error> {
                     warn!(installed = %checked.installed, "the interception no longer matches the flags: sluice is not ready");
                 }
                 std::thread::sleep(CHECK_EVERY);
+                while !shared.wanted() {
+                    std::thread::park_timeout(WANTED_FOR);
+                }
             })
             .map_err(Error::Thread)?;
+        let _ = shared_for_checker.checker.set(checker.thread().clone());
     }
     std::thread::Builder::new()
         .name("sluice-admin".into())
