@@ -10,12 +10,14 @@
 //! that submits or waits for them is. `strace` stops the process at every
 //! syscall, so it runs only in `make profile`, never beside a figure.
 
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
@@ -23,6 +25,8 @@ const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
 /// perf and strace print nothing when they have attached; this is how long
 /// they are given before the load starts.
 const ATTACH: Duration = Duration::from_millis(300);
+/// perf writes its data and strace detaches within this of SIGINT.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
 
 /// The syscalls of the interceptor over a CRR pass of its own.
 #[derive(Debug, Clone, Serialize)]
@@ -48,9 +52,20 @@ struct Attached {
 impl Attached {
     fn start(mut command: Command) -> Result<Attached> {
         let line = format!("{command:?}");
+        // This process blocks SIGINT in every thread for its signal thread
+        // (main.rs), and a child inherits the mask: perf would never see
+        // the SIGINT that stops it.
+        // SAFETY: between fork and exec, only pthread_sigmask, which is
+        // async-signal-safe and does not allocate.
+        unsafe {
+            command.pre_exec(|| {
+                SigSet::all().thread_unblock()?;
+                Ok(())
+            });
+        }
         let child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {line}"))?;
@@ -61,15 +76,29 @@ impl Attached {
         })
     }
 
-    /// Stops it and returns its stderr (where both tools write summaries).
+    /// Stops it and returns its stderr (where both tools write summaries;
+    /// a few lines, well within a pipe's buffer while it exits).
     fn stop(mut self) -> Result<String> {
-        let child = self.child.take().ok_or_else(|| anyhow!("stopped twice"))?;
+        let mut child = self.child.take().ok_or_else(|| anyhow!("stopped twice"))?;
         let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
         kill(pid, Signal::SIGINT).with_context(|| format!("interrupting {}", self.line))?;
-        let output = child
-            .wait_with_output()
-            .with_context(|| format!("waiting for {}", self.line))?;
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let deadline = Instant::now() + STOP_WITHIN;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} did not stop within {STOP_WITHIN:?} of SIGINT",
+                    self.line
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            pipe.read_to_string(&mut stderr)
+                .with_context(|| format!("reading what {} said", self.line))?;
+        }
         // Interrupted, perf exits 0 and strace 0 or 130: a count is what
         // tells success, and the callers look for it.
         Ok(stderr)
