@@ -394,8 +394,8 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         let how = match (&s.interceptor, &s.skipped) {
             (_, Some(why)) => format!("{how} — skipped: {why}"),
             (Interceptor::Haproxy, None) => format!(
-                "{how}, behind `sluice rules install --mode tproxy --ports 9080` \
-                 (configuration below)"
+                "{how}, behind `sluice rules install --mode tproxy --ports 9080` with \
+                 `tcp_fwmark_accept` turned back off (configuration below)"
             ),
             _ => how,
         };
