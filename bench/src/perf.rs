@@ -212,7 +212,7 @@ pub fn strace_counts<T>(
     if calls.is_empty() {
         bail!("no summary from strace: {}", stderr.trim());
     }
-    calls.sort_by(|a, b| b.calls.cmp(&a.calls));
+    calls.sort_by_key(|c| std::cmp::Reverse(c.calls));
     Ok((result, calls))
 }
 
