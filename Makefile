@@ -4,9 +4,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
-BENCH_PACKAGES := haproxy
+# linux-perf: the interceptors' syscall counts (perf stat) and `make profile`.
+BENCH_PACKAGES := haproxy linux-perf
+PROFILE_PACKAGES := strace
 
-.PHONY: all deps bench-deps build test lint bench bench-check bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
+.PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
 
 all: build
 
@@ -29,6 +31,38 @@ bench-deps: deps
 
 build:
 	$(CARGO) build --release --workspace
+
+# `make profile`: where one scenario's interceptor spends its CPU and its
+# syscalls under the CRR load. A flame graph of `perf record` (folded stacks
+# beside it) and the syscalls per connection (perf stat, then strace -c by
+# name) under results/profile/. PROFILE_SCENARIO: a built-in scenario (tproxy,
+# tproxy-bypass, ebpf-splice, haproxy, ...) or NAME=SLUICE-RUN-ARGS;
+# PROFILE_SECONDS: each CRR pass.
+PROFILE_SCENARIO ?= tproxy
+PROFILE_SECONDS ?= 5
+PROFILE_NAME = $(firstword $(subst =, ,$(PROFILE_SCENARIO)))
+PROFILE_DATA = target/profile/$(PROFILE_NAME).perf.data
+profile-deps: bench-deps
+	@missing=""; for p in $(PROFILE_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@# inferno (crates.io) folds perf's stacks and draws the SVG; Debian has
+	@# no flame graph package.
+	@command -v inferno-flamegraph >/dev/null 2>&1 || $(CARGO) install inferno --locked
+
+profile: profile-deps
+	$(CARGO) build --release --workspace
+	./target/release/sluice-bench profile --sluice ./target/release/sluice \
+	  --scenario '$(PROFILE_SCENARIO)' --seconds $(PROFILE_SECONDS) \
+	  --work target/profile --out results/profile
+	set -o pipefail; perf script -i $(PROFILE_DATA) 2>/dev/null | inferno-collapse-perf > results/profile/$(PROFILE_NAME).folded
+	inferno-flamegraph --title "sluice-bench profile: $(PROFILE_NAME), CRR" \
+	  < results/profile/$(PROFILE_NAME).folded > results/profile/$(PROFILE_NAME).svg
+	@echo "wrote results/profile/$(PROFILE_NAME).svg, .folded and .txt"
+	@$(MAKE) --no-print-directory check-leftovers
 
 lint:
 	$(CARGO) fmt --all -- --check

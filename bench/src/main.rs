@@ -15,6 +15,7 @@
 mod check;
 mod load;
 mod machine;
+mod perf;
 mod plot;
 mod procstat;
 mod profile;
@@ -26,7 +27,7 @@ mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +59,9 @@ enum Command {
     Check(CheckArgs),
     /// Write a baseline from several runs of the check profile.
     Baseline(BaselineArgs),
+    /// `make profile`: one scenario under CRR, its interceptor recorded by
+    /// `perf record` (for a flame graph) and its syscalls counted.
+    Profile(ProfileArgs),
 }
 
 /// What every run needs: the binaries and the scenarios.
@@ -68,7 +72,8 @@ struct Setup {
     sluice: PathBuf,
     /// Scenarios to run, comma-separated [default: all; for check and
     /// baseline, all but haproxy and the policy-size variants]: direct,
-    /// redirect, tproxy, tproxy-splice, tproxy-sockmap, ebpf, ebpf-splice,
+    /// redirect, tproxy, tproxy-splice, tproxy-sockmap, tproxy-bypass (the
+    /// connection to the workload from 127.0.0.6), ebpf, ebpf-splice,
     /// ebpf-sockmap, haproxy, and the policy-size variants (CRR only)
     /// tproxy-excl1, tproxy-excl100, tproxy-excl1000, ebpf-excl1,
     /// ebpf-excl100, ebpf-excl1000. `direct` always runs (it is what the
@@ -140,6 +145,35 @@ struct BaselineArgs {
     work: PathBuf,
 }
 
+#[derive(Debug, Args)]
+struct ProfileArgs {
+    /// The sluice binary to profile.
+    #[arg(long, default_value = "target/release/sluice")]
+    sluice: PathBuf,
+    /// The scenario: a built-in one with an interceptor (see `--scenarios`
+    /// of the comparison), or NAME=ARGS for `sluice run ARGS`.
+    #[arg(long, env = "PROFILE_SCENARIO", default_value = "tproxy")]
+    scenario: String,
+    /// Seconds of each CRR pass (recorded, counted, traced).
+    #[arg(long, env = "PROFILE_SECONDS", default_value_t = 5.0)]
+    seconds: f64,
+    /// Parallel CRR clients (the default profile's).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Where `<scenario>.perf.data` goes (large; not for committing).
+    #[arg(long, default_value = "target/profile")]
+    work: PathBuf,
+    /// Where `<scenario>.txt`, the syscall counts, goes.
+    #[arg(long, default_value = "results/profile")]
+    out: PathBuf,
+    /// The HAProxy binary, for the haproxy scenario.
+    #[arg(long)]
+    haproxy: Option<PathBuf>,
+    /// Data-path threads of the interceptor [default: one per core].
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = clean_up_on_signal() {
@@ -150,6 +184,7 @@ fn main() -> ExitCode {
         None => bench(cli.bench),
         Some(Command::Check(args)) => check(args),
         Some(Command::Baseline(args)) => baseline(args),
+        Some(Command::Profile(args)) => profile(args),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -376,6 +411,126 @@ fn baseline(args: BaselineArgs) -> Result<bool> {
     Ok(true)
 }
 
+/// `make profile`: Ok(false) when a pass had errors.
+fn profile(args: ProfileArgs) -> Result<bool> {
+    let perf = perf::tool("perf").context("perf is not installed (make profile installs it)")?;
+    let strace = perf::tool("strace");
+    let custom: Vec<String> = args
+        .scenario
+        .contains('=')
+        .then(|| args.scenario.clone())
+        .into_iter()
+        .collect();
+    let names: Vec<String> = custom
+        .is_empty()
+        .then(|| args.scenario.clone())
+        .into_iter()
+        .collect();
+    let scenario = select(&names, &custom)?
+        .into_iter()
+        .find(|s| !s.is_direct())
+        .context("direct has no interceptor to profile")?;
+    let mut load = Profile::new(ProfileName::Default);
+    load.crr.clients = args.clients.max(1);
+    load.crr.duration = Duration::try_from_secs_f64(args.seconds).context("--seconds")?;
+    raise_fd_limit(load.crr.clients)?;
+    let setup = Setup {
+        sluice: args.sluice,
+        scenarios: Vec::new(),
+        custom: Vec::new(),
+        haproxy: args.haproxy,
+        workers: args.workers,
+    };
+    let (tools, machine) = tools(&setup, &load)?;
+    std::fs::create_dir_all(&args.work)
+        .with_context(|| format!("creating {}", args.work.display()))?;
+    let data = args.work.join(format!("{}.perf.data", scenario.name));
+    let seen = run::profile(
+        &scenario,
+        &tools,
+        load.crr,
+        (&perf, strace.as_deref()),
+        &data,
+    )?;
+    let text = profile_text(&scenario.name, &machine, &seen);
+    print!("{text}");
+    write_file(&args.out.join(format!("{}.txt", scenario.name)), &text)?;
+    eprintln!("sluice-bench: perf record data in {}", data.display());
+    let errors = seen.recorded.errors.total() + seen.syscalls.error.iter().count() as u64;
+    Ok(errors == 0)
+}
+
+/// The syscall figures `make profile` prints and keeps beside the flame graph.
+fn profile_text(name: &str, machine: &Machine, seen: &run::Profiled) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let r = &seen.recorded;
+    let _ = writeln!(
+        text,
+        "# {name}: `{}`\n\n{} ({} cores), kernel {}, commit {}.\n",
+        seen.command, machine.cpu_model, machine.cores, machine.kernel, machine.commit
+    );
+    let _ = writeln!(
+        text,
+        "Recorded (perf record -F 999 -g -e cpu-clock): {} connections in {:.1} s, {:.0} conn/s, \
+         {} errors.",
+        r.completed,
+        r.elapsed_s,
+        r.rate,
+        r.errors.total()
+    );
+    let s = &seen.syscalls;
+    match (s.syscalls, s.per_connection, &s.error) {
+        (Some(n), Some(per), _) => {
+            let _ = writeln!(
+                text,
+                "Syscalls ({}): {n} over {} connections, {per:.1} per connection.",
+                s.tool, s.connections
+            );
+        }
+        (_, _, Some(e)) => {
+            let _ = writeln!(text, "Syscalls ({}): not counted: {e}", s.tool);
+        }
+        _ => {
+            let _ = writeln!(text, "Syscalls ({}): no connection completed.", s.tool);
+        }
+    }
+    match &seen.traced {
+        Ok((connections, calls)) => {
+            let _ = writeln!(
+                text,
+                "\nBy syscall (strace -c -f, a pass of its own: strace slows the process, so \
+                 these {connections} connections are not a rate):\n"
+            );
+            let _ = writeln!(text, "| syscall | calls | per connection | errors |");
+            let _ = writeln!(text, "|---|---:|---:|---:|");
+            let per = |n: u64| {
+                if *connections == 0 {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.2}", n as f64 / *connections as f64)
+                }
+            };
+            let total: u64 = calls.iter().map(|c| c.calls).sum();
+            for c in calls {
+                let _ = writeln!(
+                    text,
+                    "| {} | {} | {} | {} |",
+                    c.name,
+                    c.calls,
+                    per(c.calls),
+                    c.errors
+                );
+            }
+            let _ = writeln!(text, "| total | {total} | {} | |", per(total));
+        }
+        Err(e) => {
+            let _ = writeln!(text, "\nBy syscall: not traced: {e:#}");
+        }
+    }
+    text
+}
+
 fn write_file(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -402,12 +557,6 @@ fn check_scenarios(setup: &Setup) -> Vec<String> {
 
 /// Runs `scenarios` through the loads of `profile` and returns the run.
 fn measure(setup: &Setup, mut profile: Profile, scenarios: Vec<Scenario>) -> Result<report::Run> {
-    if !setup.sluice.is_file() {
-        bail!(
-            "no sluice binary at {} (build it: cargo build --release -p sluice)",
-            setup.sluice.display()
-        );
-    }
     let mut notes = Vec::new();
     let fd_limit = raise_fd_limit(profile.max_connections())?;
     // An interceptor holds two descriptors per connection, and so does this
@@ -424,20 +573,7 @@ fn measure(setup: &Setup, mut profile: Profile, scenarios: Vec<Scenario>) -> Res
         notes.push(note);
         profile.hold.connections = fits;
     }
-    let haproxy = match &setup.haproxy {
-        Some(path) => path.is_file().then(|| path.clone()),
-        None => scenario::find_program("haproxy"),
-    };
-    let machine = Machine::describe(haproxy.as_deref());
-    let tools = Tools {
-        sluice: std::fs::canonicalize(&setup.sluice)
-            .with_context(|| format!("resolving {}", setup.sluice.display()))?,
-        haproxy,
-        workers: setup.workers.unwrap_or(machine.cores).max(1),
-        max_connections: profile.max_connections() + 100,
-        scratch: std::env::temp_dir(),
-        patience: Patience::new(profile.wait_budget),
-    };
+    let (tools, machine) = tools(setup, &profile)?;
     eprintln!(
         "sluice-bench: profile {}, {} scenarios ({}), {} cores, kernel {}",
         profile.name,
@@ -463,6 +599,32 @@ fn measure(setup: &Setup, mut profile: Profile, scenarios: Vec<Scenario>) -> Res
         elapsed_s: start.elapsed().as_secs_f64(),
         scenarios: results,
     })
+}
+
+/// The programs the scenarios run, and the machine they run on.
+fn tools(setup: &Setup, profile: &Profile) -> Result<(Tools, Machine)> {
+    if !setup.sluice.is_file() {
+        bail!(
+            "no sluice binary at {} (build it: cargo build --release -p sluice)",
+            setup.sluice.display()
+        );
+    }
+    let haproxy = match &setup.haproxy {
+        Some(path) => path.is_file().then(|| path.clone()),
+        None => scenario::find_program("haproxy"),
+    };
+    let machine = Machine::describe(haproxy.as_deref());
+    let tools = Tools {
+        sluice: std::fs::canonicalize(&setup.sluice)
+            .with_context(|| format!("resolving {}", setup.sluice.display()))?,
+        haproxy,
+        workers: setup.workers.unwrap_or(machine.cores).max(1),
+        max_connections: profile.max_connections() + 100,
+        perf: perf::tool("perf"),
+        scratch: std::env::temp_dir(),
+        patience: Patience::new(profile.wait_budget),
+    };
+    Ok((tools, machine))
 }
 
 /// The scenarios to run, `direct` first.

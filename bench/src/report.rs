@@ -394,8 +394,8 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         let how = match (&s.interceptor, &s.skipped) {
             (_, Some(why)) => format!("{how} — skipped: {why}"),
             (Interceptor::Haproxy, None) => format!(
-                "{how}, behind `sluice rules install --mode tproxy --ports 9080` \
-                 (configuration below)"
+                "{how}, behind `sluice rules install --mode tproxy --ports 9080` with \
+                 `tcp_fwmark_accept` turned back off (configuration below)"
             ),
             _ => how,
         };
@@ -438,8 +438,12 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
     let _ = writeln!(
         md,
         "**bypassed** counts connections that reached the workload without passing \
-         through the interceptor (the workload sees the proxy's connections come from \
-         127.0.0.6); it must be 0 for every interception mode. **errors** are failed \
+         through the interceptor: the workload counts a connection as the proxy's when it \
+         comes from 127.0.0.6 (HAProxy, sluice's `--upstream-source bypass`) or when its \
+         accepted socket carries sluice's mark, 1337 (sluice connects from the client's own \
+         address by default; its upstream socket's mark passes to the workload's socket \
+         through `tcp_fwmark_accept`, which its rules turn on); it must be 0 for every \
+         interception mode. **errors** are failed \
          connections or exchanges, counted, never retried away.\n"
     );
     let _ = writeln!(
@@ -666,29 +670,48 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     let _ = writeln!(
         md,
         "{} parallel clients, each in a loop: connect, 64-byte request, its echo, close \
-         (the client closes first), for {}. Latency is connect to reply.\n",
+         (the client closes first), for {}. Latency is connect to reply. Machine CPU µs/conn \
+         is every busy CPU microsecond of the machine over the load (/proc/stat, as for bulk: \
+         client, workload, interceptor and kernel) per completed connection; \"over direct\" \
+         is that minus direct's, the CPU an intercepted connection costs on top. Proxy \
+         syscalls/conn are the interceptor's syscalls (`perf stat -e raw_syscalls:sys_enter \
+         -p <pid>`, every thread; an io_uring operation is not one, its `io_uring_enter` is) \
+         over a CRR pass of its own after the timed rounds ({}), per completed connection: \
+         the count's tracepoint costs a little on every syscall, so it never runs beside \
+         the figures above.\n",
         p.clients,
-        rounds(run, p.duration)
+        rounds(run, p.duration),
+        secs(p.duration.min(crate::run::SYSCALL_PASS)),
     );
     let _ = writeln!(
         md,
-        "| scenario | conn/s | vs direct | p50 µs | p99 µs | p99.9 µs | p99 vs direct | connections | errors | bypassed | conntrack after | others / steal |"
+        "| scenario | conn/s | vs direct | p50 µs | p99 µs | p99.9 µs | p99 vs direct | machine CPU µs/conn | over direct µs | proxy syscalls/conn | connections | errors | bypassed | conntrack after | others / steal |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.crr.as_ref()?.report.as_ref());
     for s in run.matrix() {
         let loaded = s.loads.crr.as_ref();
         let Some(f) = loaded.and_then(|l| l.report.as_ref()) else {
-            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 12));
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 15));
             continue;
         };
         let r = &f.report;
+        let cpu = f.machine_cpu_us_per_conn;
+        let over = cpu
+            .zip(d.and_then(|d| d.machine_cpu_us_per_conn))
+            .map(|(c, d)| c - d);
+        let syscalls = match &s.loads.crr_syscalls {
+            None => "—".to_string(),
+            Some(c) => c
+                .per_connection
+                .map_or("n/a".into(), |per| format!("{per:.1}")),
+        };
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {syscalls} | {} | {} | {} | {} | {} |",
             name_cell(s),
             r.rate,
             ratio(Some(r.rate), d.map(|d| d.report.rate)),
@@ -696,6 +719,12 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
             us(r.latency.p99_us),
             us(r.latency.p999_us),
             ratio(Some(r.latency.p99_us), d.map(|d| d.report.latency.p99_us)),
+            opt(cpu, |c| format!("{c:.1}")),
+            if s.interceptor == Interceptor::None {
+                "—".to_string()
+            } else {
+                opt(over, |o| format!("{o:+.1}"))
+            },
             r.completed,
             errors(r.errors.total(), loaded),
             loaded.map_or("—".into(), |x| bypassed(s, x)),
@@ -712,6 +741,17 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         .collect();
     if !with_errors.is_empty() {
         let _ = writeln!(md, "\nErrors by kind: {}.", with_errors.join("; "));
+    }
+    let uncounted: Vec<String> = run
+        .matrix()
+        .filter_map(|s| {
+            let c = s.loads.crr_syscalls.as_ref()?;
+            let e = c.error.as_deref()?;
+            Some(format!("{}: {}", s.name, e.lines().next().unwrap_or(e)))
+        })
+        .collect();
+    if !uncounted.is_empty() {
+        let _ = writeln!(md, "\nSyscalls not counted: {}.", uncounted.join("; "));
     }
     md.push('\n');
 }

@@ -19,6 +19,7 @@
 //! table and flushes it.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +27,7 @@ use netlab::{ClientPod, Netns};
 use serde::Serialize;
 
 use crate::load::{bulk, crr, exhaust, hold, rr, Errors};
+use crate::perf::{self, Syscalls, Traced};
 use crate::profile::{LoadKind, Profile};
 use crate::scenario::{
     forwarder_in_use, Interceptor, Patience, Proxy, Scenario, Stopped, Tools, PORT,
@@ -65,6 +67,9 @@ pub struct Loads {
     pub rr: Option<Loaded<rr::Report>>,
     pub bulk: Vec<Loaded<BulkFigures>>,
     pub crr: Option<Loaded<CrrFigures>>,
+    /// The interceptor's syscalls over a short CRR pass of their own, after
+    /// the timed rounds: the counting is never beside a measured figure.
+    pub crr_syscalls: Option<Syscalls>,
     pub exhaustion: Option<Loaded<exhaust::Report>>,
 }
 
@@ -143,6 +148,11 @@ impl Figures for CrrFigures {
     fn merge(&mut self, other: Self) -> Result<()> {
         self.report.merge(other.report)?;
         self.conntrack_after = other.conntrack_after;
+        self.machine_cpu_s = self
+            .machine_cpu_s
+            .zip(other.machine_cpu_s)
+            .map(|(a, b)| a + b);
+        self.machine_cpu_us_per_conn = cpu_per_connection(self.machine_cpu_s, &self.report);
         Ok(())
     }
 }
@@ -234,6 +244,18 @@ pub struct CrrFigures {
     /// The pod's conntrack count right after the (last round of the) load:
     /// entries of closed connections linger (TIME_WAIT is 120 s in conntrack).
     pub conntrack_after: Option<u64>,
+    /// Busy CPU time of the whole machine over the load, as for bulk: every
+    /// connection costs the client, the kernel (twice the handshakes and
+    /// teardowns through an interceptor), the interceptor and the workload.
+    pub machine_cpu_s: Option<f64>,
+    /// `machine_cpu_s` per completed connection, in microseconds.
+    pub machine_cpu_us_per_conn: Option<f64>,
+}
+
+fn cpu_per_connection(cpu_s: Option<f64>, report: &crr::Report) -> Option<f64> {
+    cpu_s
+        .filter(|_| report.completed > 0)
+        .map(|cpu| cpu * 1e6 / report.completed as f64)
 }
 
 /// Runs every scenario through every load of the profile.
@@ -334,6 +356,7 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             |l, label, x| l.say_crr(label, x),
             |loads, l| loads.crr = Some(l),
         );
+        syscall_pass(&lives, &mut results, tools, profile);
     }
     if profile.runs(LoadKind::Exhaustion) {
         // Untimed (counts), so one pass, scenario by scenario.
@@ -381,6 +404,47 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
     }
     results
 }
+
+/// After the CRR rounds, one short CRR pass per interceptor with perf
+/// counting its syscalls: apart, because the count's tracepoint costs the
+/// interceptor a little on every syscall, which the timed rounds must not pay.
+fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, profile: &Profile) {
+    let params = crr::Params {
+        clients: profile.crr.clients,
+        duration: profile.crr.duration.min(SYSCALL_PASS),
+    };
+    for live in lives.iter().filter(|l| !l.dead && l.runs(LoadKind::Crr)) {
+        let counted = match &tools.perf {
+            Some(perf) => live.crr_syscalls(perf, params),
+            None if live.proxy.is_some() => Some(Syscalls {
+                tool: "perf".into(),
+                connections: 0,
+                duration_s: 0.0,
+                syscalls: None,
+                per_connection: None,
+                error: Some("perf is not installed (make bench-deps installs linux-perf)".into()),
+            }),
+            None => None,
+        };
+        if let Some(c) = &counted {
+            let what = match (c.per_connection, &c.error) {
+                (Some(per), _) => format!(
+                    "{per:.1} interceptor syscalls per connection ({} over {} connections)",
+                    c.syscalls.unwrap_or(0),
+                    c.connections
+                ),
+                (None, Some(e)) => format!("not counted: {e}"),
+                (None, None) => "not counted: no connection completed".into(),
+            };
+            progress(&live.name, "crr syscalls", &what);
+        }
+        results[live.index].loads.crr_syscalls = counted;
+    }
+}
+
+/// The longest syscall-counting pass: the count per connection settles
+/// within a few thousand connections.
+pub const SYSCALL_PASS: Duration = Duration::from_secs(2);
 
 /// Rounds of one timed load, the scenarios taking turns; the rounds of each
 /// scenario are merged and handed to `store`.
@@ -693,11 +757,27 @@ impl<'a> Live<'a> {
     }
 
     fn crr(&self, params: crr::Params) -> Result<CrrFigures> {
+        let machine_before = sysload::machine_busy_seconds();
         let report = crr::run(self.client(), self.target, params)?;
+        let machine_cpu_s = machine_before
+            .zip(sysload::machine_busy_seconds())
+            .map(|(a, b)| b - a);
         Ok(CrrFigures {
+            machine_cpu_us_per_conn: cpu_per_connection(machine_cpu_s, &report),
+            machine_cpu_s,
             report,
             conntrack_after: self.conntrack(),
         })
+    }
+
+    /// The interceptor's syscalls per connection over one CRR pass of
+    /// `params`, counted with perf; None without an interceptor.
+    fn crr_syscalls(&self, perf: &Path, params: crr::Params) -> Option<Syscalls> {
+        let pid = self.proxy.as_ref().and_then(Proxy::pid)?;
+        Some(perf::count_syscalls(perf, pid, || {
+            let r = crr::run(self.client(), self.target, params)?;
+            Ok((r.completed, r.elapsed_s))
+        }))
     }
 
     fn bypass_note(&self, peers: Peers) -> String {
@@ -775,6 +855,58 @@ impl<'a> Live<'a> {
         );
         progress(&self.name, label, &line);
     }
+}
+
+/// What `make profile` saw of one interceptor under CRR.
+pub struct Profiled {
+    pub command: String,
+    /// The pass under `perf record`.
+    pub recorded: crr::Report,
+    /// The pass under `perf stat`.
+    pub syscalls: Syscalls,
+    /// The pass under `strace -c -f` (slowed by it): its connections and
+    /// the calls by syscall; or why there is none.
+    pub traced: Result<(u64, Vec<Traced>)>,
+}
+
+/// Sets up `scenario` alone and runs three CRR passes of `params` through
+/// it: one under `perf record` (into `data`), one under `perf stat`, one
+/// under `strace` when there is one. Torn down at the end, as a run is.
+pub fn profile(
+    scenario: &Scenario,
+    tools: &Tools,
+    params: crr::Params,
+    (perf, strace): (&Path, Option<&Path>),
+    data: &Path,
+) -> Result<Profiled> {
+    let mut live = Live::start(0, scenario, tools)?;
+    let proxy = live.proxy.as_ref();
+    let pid = proxy
+        .and_then(Proxy::pid)
+        .with_context(|| format!("scenario {} has no interceptor to profile", scenario.name))?;
+    let command = proxy.map(|p| p.command.clone()).unwrap_or_default();
+    let crr = |l: &Live| crr::run(l.client(), l.target, params);
+    progress(&live.name, "profile", "perf record");
+    let recorded = perf::record(perf, pid, data, || crr(&live))?;
+    progress(&live.name, "profile", "perf stat");
+    let syscalls = live
+        .crr_syscalls(perf, params)
+        .context("the interceptor is gone")?;
+    progress(&live.name, "profile", "strace -c -f");
+    let traced = match strace {
+        Some(strace) => perf::strace_counts(strace, pid, || crr(&live))
+            .map(|(report, calls)| (report.completed, calls)),
+        None => Err(anyhow::anyhow!("strace is not installed")),
+    };
+    if let Some(proxy) = live.proxy.as_mut() {
+        proxy.check_alive()?;
+    }
+    Ok(Profiled {
+        command,
+        recorded,
+        syscalls,
+        traced,
+    })
 }
 
 fn errors_note(errors: &Errors) -> String {

@@ -9,10 +9,26 @@
 //!   answers the count as a little-endian u64, so the client can check that
 //!   every byte it sent arrived (and that the proxy forwards after a half-close).
 //!
-//! Every accepted connection is classified by its peer: from the proxy's
-//! bypass source (127.0.0.6 / ::6) or not. For an interception mode, a
-//! connection that is not from the bypass source reached the workload without
-//! passing through the proxy.
+//! Every accepted connection is classified: it came through the proxy when
+//! its peer is the bypass source (127.0.0.6 / ::6: HAProxy's `source`, and
+//! sluice with `--upstream-source bypass`) or when the accepted socket
+//! carries sluice's mark, [`PROXY_MARK`]. By default sluice connects from the
+//! client's own address, so the peer cannot tell; but its upstream socket
+//! carries `SO_MARK` = its policy mark, and its rules turn on
+//! `net.ipv4.tcp_fwmark_accept` in the pod namespace, so the workload's
+//! accepted socket takes the mark of the SYN that opened it. For an
+//! interception mode, any other connection reached the workload without
+//! passing through the proxy: a bypass.
+//!
+//! The mark is as exact as the address. A SYN that bypassed the proxy
+//! arrives from the client unmarked (a mark does not cross the veth between
+//! namespaces), and sluice's rules never mark a SYN that goes anywhere but
+//! sluice's own listener: TPROXY marks the SYNs it steers to sluice (whose
+//! accepted sockets carry the listener's mark, 1338, not 1337), and the
+//! divert rule marks only packets after the SYN. So a workload socket with
+//! mark 1337 was opened by a socket that set it: sluice's upstream leg. A
+//! custom scenario that gives sluice another `--mark` shows as bypasses, loudly,
+//! not as a silent pass.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +49,9 @@ pub const SINK: u8 = b'S';
 /// the HAProxy configuration's `source`).
 pub const BYPASS_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 pub const BYPASS_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// sluice's default `--mark`, which the built-in scenarios keep: the mark of
+/// its upstream sockets, and so of the workload's sockets they open.
+pub const PROXY_MARK: u32 = 1337;
 
 /// The kernel caps the backlog at the namespace's `net.core.somaxconn`
 /// (4096 by default); a ramp of 10,000 connections needs more than std's 128.
@@ -40,9 +59,9 @@ const BACKLOG: i32 = 4096;
 
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Accepted from the bypass source: came through the proxy.
+    /// From the bypass source or with the proxy's mark: came through the proxy.
     pub via_proxy: AtomicU64,
-    /// Accepted from anywhere else: for an interception mode, a bypass.
+    /// Any other: for an interception mode, a bypass.
     pub not_via_proxy: AtomicU64,
 }
 
@@ -187,7 +206,7 @@ async fn serve(
             _ = &mut stop => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let counter = if is_bypass(peer.ip()) {
+                    let counter = if is_bypass(peer.ip()) || has_proxy_mark(&stream) {
                         &counters.via_proxy
                     } else {
                         &counters.not_via_proxy
@@ -207,6 +226,14 @@ pub fn is_bypass(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => v4 == BYPASS_V4,
         IpAddr::V6(v6) => v6 == BYPASS_V6 || v6.to_ipv4_mapped() == Some(BYPASS_V4),
     }
+}
+
+/// Whether the accepted socket carries [`PROXY_MARK`] (see the module
+/// header). A socket whose mark cannot be read counts as not through the
+/// proxy: a reported bypass gets looked at, a hidden one would not.
+fn has_proxy_mark(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt};
+    getsockopt(stream, sockopt::Mark).is_ok_and(|mark| mark == PROXY_MARK)
 }
 
 async fn handle(mut stream: TcpStream, reply_delay: Duration) {
@@ -250,4 +277,69 @@ async fn sink(stream: &mut TcpStream) -> std::io::Result<()> {
     }
     stream.write_all(&total.to_le_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::SocketAddr;
+
+    use socket2::{Domain, Socket, Type};
+
+    use super::*;
+    use crate::load::testing::Lab;
+
+    /// One echo from inside the pod, from `source` and with `mark`.
+    fn echo_from(lab: &Lab, source: Option<Ipv4Addr>, mark: Option<u32>) {
+        let target = lab.target();
+        lab.topology.pod.run(move || {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            if let Some(mark) = mark {
+                socket.set_mark(mark).unwrap();
+            }
+            if let Some(ip) = source {
+                socket.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+            }
+            socket.connect(&target.into()).unwrap();
+            let mut stream = std::net::TcpStream::from(socket);
+            stream.write_all(&[ECHO, 7]).unwrap();
+            let mut reply = [0u8; 1];
+            stream.read_exact(&mut reply).unwrap();
+        });
+    }
+
+    #[test]
+    fn through_the_proxy_by_address_or_by_mark() {
+        let lab = Lab::new("t-wlmark", Duration::ZERO);
+        // What sluice's rules do in the pod: the accepted socket takes the
+        // SYN's mark.
+        lab.topology
+            .pod
+            .sysctl_set("net.ipv4.tcp_fwmark_accept", "1")
+            .unwrap();
+        let seen = |f: &dyn Fn()| {
+            let before = lab.workload.peers();
+            f();
+            std::thread::sleep(Duration::from_millis(50));
+            lab.workload.peers().since(before)
+        };
+        let via = Peers {
+            via_proxy: 1,
+            not_via_proxy: 0,
+        };
+        let bypass = Peers {
+            via_proxy: 0,
+            not_via_proxy: 1,
+        };
+        // HAProxy, sluice --upstream-source bypass.
+        assert_eq!(seen(&|| echo_from(&lab, Some(BYPASS_V4), None)), via);
+        // sluice from the client's address: only the mark tells.
+        assert_eq!(seen(&|| echo_from(&lab, None, Some(PROXY_MARK))), via);
+        // Another mark (sluice's listeners carry mark + 1), or none.
+        assert_eq!(
+            seen(&|| echo_from(&lab, None, Some(PROXY_MARK + 1))),
+            bypass
+        );
+        assert_eq!(seen(&|| echo_from(&lab, None, None)), bypass);
+    }
 }

@@ -1,7 +1,8 @@
 //! The whole `make bench` pipeline with the smoke profile: every load,
 //! results.json, README.md tables and plots, nothing left behind. A subset of
-//! the scenarios keeps it short: each interception mode, an eBPF one with the
-//! sockmap forwarder, HAProxy, and policy-size variants of both modes.
+//! the scenarios keeps it short: each interception mode, tproxy with the
+//! bypass source, an eBPF one with the sockmap forwarder, HAProxy, and
+//! policy-size variants of both modes.
 //!
 //! The sluice binary under test is another package's, so Cargo gives this
 //! test no `CARGO_BIN_EXE_sluice`. The test asks Cargo for it instead:
@@ -73,9 +74,10 @@ fn leftover_namespaces(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "redirect",
     "tproxy",
+    "tproxy-bypass",
     "ebpf-sockmap",
     "haproxy",
     "tproxy-excl1",
@@ -83,7 +85,14 @@ const SCENARIOS: [&str; 7] = [
     "ebpf-excl1000",
 ];
 /// The scenarios of the main tables (the rest run CRR alone).
-const MATRIX: [&str; 5] = ["direct", "redirect", "tproxy", "ebpf-sockmap", "haproxy"];
+const MATRIX: [&str; 6] = [
+    "direct",
+    "redirect",
+    "tproxy",
+    "tproxy-bypass",
+    "ebpf-sockmap",
+    "haproxy",
+];
 
 #[test]
 fn smoke_profile_end_to_end() {
@@ -179,7 +188,18 @@ fn smoke_profile_end_to_end() {
         let rr = &loads["rr"]["report"];
         assert_eq!(rr["completed"], rr["scheduled"], "{name}: {rr}");
         assert!(rr["latency"]["p50_us"].as_f64().unwrap_or(0.0) > 0.0);
-        assert!(loads["crr"]["report"]["completed"].as_u64().unwrap_or(0) > 0);
+        let crr = &loads["crr"]["report"];
+        assert!(crr["completed"].as_u64().unwrap_or(0) > 0);
+        assert!(crr["machine_cpu_us_per_conn"].is_number(), "{name}: {crr}");
+        let syscalls = &loads["crr_syscalls"];
+        if name == "direct" {
+            assert!(syscalls.is_null(), "{syscalls}");
+        } else if std::path::Path::new("/usr/bin/perf").exists() {
+            assert!(
+                syscalls["per_connection"].as_f64().unwrap_or(0.0) > 1.0,
+                "{name}: {syscalls}"
+            );
+        }
         for b in bulk {
             assert!(
                 b["report"]["bytes"].as_u64().unwrap_or(0) > 0,

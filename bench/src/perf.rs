@@ -1,0 +1,305 @@
+//! The interceptor seen from outside with Linux's own tools: its syscalls
+//! counted by `perf stat`, its CPU time sampled by `perf record`, its
+//! syscalls by name from `strace -c` (`make profile` only).
+//!
+//! Each attaches to the interceptor's pid from the machine's own namespace:
+//! the interceptor lives in the pod's network namespace, not in another pid
+//! namespace. `perf stat -e raw_syscalls:sys_enter` counts every entry into
+//! the kernel of every thread of the process, through a tracepoint that costs
+//! little; io_uring operations are not syscalls, only the `io_uring_enter`
+//! that submits or waits for them is. `strace` stops the process at every
+//! syscall, so it runs only in `make profile`, never beside a figure.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
+/// perf and strace print nothing when they have attached; this is how long
+/// they are given before the load starts.
+const ATTACH: Duration = Duration::from_millis(300);
+/// perf writes its data and strace detaches within this of SIGINT.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
+
+/// The syscalls of the interceptor over a CRR pass of its own.
+#[derive(Debug, Clone, Serialize)]
+pub struct Syscalls {
+    /// How they were counted (the command, without the pid).
+    pub tool: String,
+    pub connections: u64,
+    pub duration_s: f64,
+    pub syscalls: Option<u64>,
+    pub per_connection: Option<f64>,
+    /// Why there is no count.
+    pub error: Option<String>,
+}
+
+/// A tool attached to a process until [`Attached::stop`]: SIGINT makes perf
+/// and strace print their summary and detach. Dropped without stopping, it
+/// is killed, so a failed load leaves no tracer behind.
+struct Attached {
+    child: Option<Child>,
+    line: String,
+}
+
+impl Attached {
+    fn start(mut command: Command) -> Result<Attached> {
+        let line = format!("{command:?}");
+        // This process blocks SIGINT in every thread for its signal thread
+        // (main.rs), and a child inherits the mask: perf would never see
+        // the SIGINT that stops it.
+        // SAFETY: between fork and exec, only pthread_sigmask, which is
+        // async-signal-safe and does not allocate.
+        unsafe {
+            command.pre_exec(|| {
+                SigSet::all().thread_unblock()?;
+                Ok(())
+            });
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {line}"))?;
+        std::thread::sleep(ATTACH);
+        Ok(Attached {
+            child: Some(child),
+            line,
+        })
+    }
+
+    /// Stops it and returns its stderr (where both tools write summaries;
+    /// a few lines, well within a pipe's buffer while it exits).
+    fn stop(mut self) -> Result<String> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("stopped twice"))?;
+        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+        kill(pid, Signal::SIGINT).with_context(|| format!("interrupting {}", self.line))?;
+        let deadline = Instant::now() + STOP_WITHIN;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} did not stop within {STOP_WITHIN:?} of SIGINT",
+                    self.line
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            pipe.read_to_string(&mut stderr)
+                .with_context(|| format!("reading what {} said", self.line))?;
+        }
+        // Interrupted, perf exits 0 and strace 0 or 130: a count is what
+        // tells success, and the callers look for it.
+        Ok(stderr)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Counts the syscalls of `pid` while `load` runs; `load` returns the
+/// connections it completed and its duration.
+pub fn count_syscalls(
+    perf: &Path,
+    pid: u32,
+    load: impl FnOnce() -> Result<(u64, f64)>,
+) -> Syscalls {
+    let tool = format!("perf stat -e {SYSCALL_EVENT} -p <pid>");
+    let mut counted = Syscalls {
+        tool,
+        connections: 0,
+        duration_s: 0.0,
+        syscalls: None,
+        per_connection: None,
+        error: None,
+    };
+    let outcome = (|| -> Result<()> {
+        let mut command = Command::new(perf);
+        command
+            .args(["stat", "-x", ",", "-e", SYSCALL_EVENT, "-p"])
+            .arg(pid.to_string());
+        let attached = Attached::start(command)?;
+        let (connections, duration_s) = load()?;
+        counted.connections = connections;
+        counted.duration_s = duration_s;
+        let stderr = attached.stop()?;
+        let n = parse_perf_count(&stderr)
+            .ok_or_else(|| anyhow!("no {SYSCALL_EVENT} count from perf: {}", stderr.trim()))?;
+        counted.syscalls = Some(n);
+        counted.per_connection = (connections > 0).then(|| n as f64 / connections as f64);
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        counted.error = Some(format!("{e:#}"));
+    }
+    counted
+}
+
+/// The count of `perf stat -x ,`: `12345,,raw_syscalls:sys_enter,...`; None
+/// for `<not counted>` or `<not supported>`.
+fn parse_perf_count(stderr: &str) -> Option<u64> {
+    stderr
+        .lines()
+        .find(|l| l.contains(SYSCALL_EVENT))?
+        .split(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `perf record` of `pid`'s CPU time, with call stacks, into `data`, while
+/// `load` runs. The software clock (`cpu-clock`) works in virtual machines,
+/// which rarely pass the hardware cycle counter through.
+pub fn record<T>(
+    perf: &Path,
+    pid: u32,
+    data: &Path,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let mut command = Command::new(perf);
+    command
+        .args(["record", "-F", "999", "-g", "-e", "cpu-clock", "-o"])
+        .arg(data)
+        .arg("-p")
+        .arg(pid.to_string());
+    let attached = Attached::start(command)?;
+    let result = load()?;
+    let stderr = attached.stop()?;
+    if !data.is_file() {
+        bail!("perf record wrote no {}: {}", data.display(), stderr.trim());
+    }
+    Ok(result)
+}
+
+/// One syscall in `strace -c`'s summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traced {
+    pub name: String,
+    pub calls: u64,
+    pub errors: u64,
+}
+
+/// `strace -c -f` of `pid` while `load` runs: calls by syscall, most first.
+pub fn strace_counts<T>(
+    strace: &Path,
+    pid: u32,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<(T, Vec<Traced>)> {
+    let mut command = Command::new(strace);
+    command.args(["-c", "-f", "-p"]).arg(pid.to_string());
+    let attached = Attached::start(command)?;
+    let result = load()?;
+    let stderr = attached.stop()?;
+    let mut calls = parse_strace_summary(&stderr);
+    if calls.is_empty() {
+        bail!("no summary from strace: {}", stderr.trim());
+    }
+    calls.sort_by_key(|c| std::cmp::Reverse(c.calls));
+    Ok((result, calls))
+}
+
+/// The rows of `strace -c`: `% time  seconds  usecs/call  calls  [errors]
+/// syscall`; the total line and headers are left out.
+fn parse_strace_summary(text: &str) -> Vec<Traced> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let name = *fields.last()?;
+            if name == "total" || fields.len() < 5 || fields[0].parse::<f64>().is_err() {
+                return None;
+            }
+            let calls = fields.get(3)?.parse().ok()?;
+            let errors = if fields.len() >= 6 {
+                fields[4].parse().unwrap_or(0)
+            } else {
+                0
+            };
+            Some(Traced {
+                name: name.to_string(),
+                calls,
+                errors,
+            })
+        })
+        .collect()
+}
+
+/// `name` from PATH or the sbin directories, when installed.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    crate::scenario::find_program(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_stat_csv() {
+        let text = "123456,,raw_syscalls:sys_enter,2003817245,100.00,,\n";
+        assert_eq!(parse_perf_count(text), Some(123456));
+        let none = "<not counted>,,raw_syscalls:sys_enter,0,100.00,,\n";
+        assert_eq!(parse_perf_count(none), None);
+    }
+
+    #[test]
+    fn strace_summary() {
+        let text = "strace: Process 42 attached with 3 threads
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 61.20    0.104000          10     10000           io_uring_enter
+ 20.00    0.034000           3     10000      9000 accept4
+  0.10    0.000100           1       100           close
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.138100           6     20100      9000 total
+";
+        let rows = parse_strace_summary(text);
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(
+            rows[1],
+            Traced {
+                name: "accept4".into(),
+                calls: 10000,
+                errors: 9000
+            }
+        );
+        assert_eq!(rows[2].errors, 0);
+    }
+
+    #[test]
+    fn counts_a_process_syscalls_when_perf_can() {
+        let Some(perf) = tool("perf") else {
+            eprintln!("perf is not installed: skipped");
+            return;
+        };
+        let mut child = Command::new("sh")
+            .args(["-c", "while :; do cat /dev/null; done"])
+            .spawn()
+            .unwrap();
+        let counted = count_syscalls(&perf, child.id(), || {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok((10, 0.3))
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(counted.error.is_none(), "{counted:?}");
+        assert!(counted.syscalls.unwrap_or(0) > 10, "{counted:?}");
+        assert!(counted.per_connection.unwrap_or(0.0) > 1.0, "{counted:?}");
+    }
+}
