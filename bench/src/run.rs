@@ -505,10 +505,15 @@ fn short(name: &str) -> String {
 
 /// The client side must not be the limit: a wide ephemeral port range and
 /// reuse of its own TIME_WAIT ports (CRR makes ~10,000 connections a second;
-/// the default range of 28,000 ports would run dry within seconds). The pod
-/// namespace, where the interceptor lives, keeps the kernel defaults.
+/// the default range of 28,000 ports would run dry within seconds without
+/// reuse). The range stays above sluice's default `--upstream-ports`
+/// (1024-32767), as sluice asks of clients: its connections to the workload
+/// come from the client's address, and one from a port a client connection
+/// also holds meets that connection's conntrack entry (redirect) or socket
+/// and times out. The pod namespace, where the interceptor lives, keeps the
+/// kernel defaults.
 fn tune_client(client: &Netns) -> Result<()> {
-    client.sysctl_set("net.ipv4.ip_local_port_range", "1024 65535")?;
+    client.sysctl_set("net.ipv4.ip_local_port_range", "32768 65535")?;
     client.sysctl_set("net.ipv4.tcp_tw_reuse", "1")?;
     Ok(())
 }
