@@ -58,10 +58,11 @@ profile: profile-deps
 	./target/release/sluice-bench profile --sluice ./target/release/sluice \
 	  --scenario '$(PROFILE_SCENARIO)' --seconds $(PROFILE_SECONDS) \
 	  --work target/profile --out results/profile
-	set -o pipefail; perf script -i $(PROFILE_DATA) 2>/dev/null | inferno-collapse-perf > results/profile/$(PROFILE_NAME).folded
+	@# The folded stacks (megabytes) stay under target/; the SVG holds them.
+	set -o pipefail; perf script -i $(PROFILE_DATA) 2>/dev/null | inferno-collapse-perf > target/profile/$(PROFILE_NAME).folded
 	inferno-flamegraph --title "sluice-bench profile: $(PROFILE_NAME), CRR" \
-	  < results/profile/$(PROFILE_NAME).folded > results/profile/$(PROFILE_NAME).svg
-	@echo "wrote results/profile/$(PROFILE_NAME).svg, .folded and .txt"
+	  < target/profile/$(PROFILE_NAME).folded > results/profile/$(PROFILE_NAME).svg
+	@echo "wrote results/profile/$(PROFILE_NAME).svg and .txt (folded stacks: target/profile/)"
 	@$(MAKE) --no-print-directory check-leftovers
 
 lint:

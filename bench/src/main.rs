@@ -472,7 +472,7 @@ fn profile_text(name: &str, machine: &Machine, seen: &run::Profiled) -> String {
     );
     let _ = writeln!(
         text,
-        "Recorded (perf record -F 999 -g -e cpu-clock): {} connections in {:.1} s, {:.0} conn/s, \
+        "Recorded (perf record -F 499 --call-graph dwarf -e cpu-clock): {} connections in {:.1} s, {:.0} conn/s, \
          {} errors.",
         r.completed,
         r.elapsed_s,

@@ -167,7 +167,9 @@ fn parse_perf_count(stderr: &str) -> Option<u64> {
 
 /// `perf record` of `pid`'s CPU time, with call stacks, into `data`, while
 /// `load` runs. The software clock (`cpu-clock`) works in virtual machines,
-/// which rarely pass the hardware cycle counter through.
+/// which rarely pass the hardware cycle counter through. DWARF unwinding:
+/// release builds keep no frame pointers, and with `-g` alone every Rust
+/// frame would be `[unknown]`.
 pub fn record<T>(
     perf: &Path,
     pid: u32,
@@ -176,7 +178,8 @@ pub fn record<T>(
 ) -> Result<T> {
     let mut command = Command::new(perf);
     command
-        .args(["record", "-F", "999", "-g", "-e", "cpu-clock", "-o"])
+        .args(["record", "-F", "499", "--call-graph", "dwarf,16384"])
+        .args(["-e", "cpu-clock", "-o"])
         .arg(data)
         .arg("-p")
         .arg(pid.to_string());
