@@ -26,6 +26,14 @@ pub fn effective_config(options: &RunOptions) -> Value {
         "idle_timeout": seconds(options.idle_timeout),
         "drain_timeout": seconds(options.drain_timeout),
         "max_connections": options.max_connections,
+        "upstream_source": match options.upstream_source {
+            crate::upstream::Source::Client { .. } => "client",
+            crate::upstream::Source::Bypass => "bypass",
+        },
+        "upstream_ports": match options.upstream_source {
+            crate::upstream::Source::Client { ports: (low, high) } => json!(format!("{low}-{high}")),
+            crate::upstream::Source::Bypass => Value::Null,
+        },
         "metrics_addr": listen(options.admin.metrics),
         "readiness_addr": listen(options.admin.readiness),
         "admin_addr": listen(options.admin.admin),

@@ -25,7 +25,7 @@ use crate::uring;
 /// Bytes a pipe is asked to hold (see `Pipe::new` for when it holds less).
 const PIPE_SIZE: usize = 256 * 1024;
 /// Idle pipes kept per worker thread.
-const POOL_LIMIT: usize = 64;
+pub const POOL_LIMIT: usize = 64;
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };

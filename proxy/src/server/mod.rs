@@ -273,14 +273,16 @@ fn max_connections(options: &RunOptions) -> u32 {
     if let Some(max) = options.max_connections {
         return max;
     }
-    // Each connection holds two sockets; splice adds two pipes (four
-    // descriptors) while it moves bytes in both directions.
-    let per_connection = match options.forwarder {
-        Forwarder::Splice => 6,
-        Forwarder::Copy | Forwarder::Sockmap => 2,
+    // Each connection holds two sockets. splice's pipes are held only while
+    // bytes move (an idle connection has none), so they are kept aside per
+    // worker rather than per connection: the pool's idle pipes and as many
+    // again in use.
+    let pipes = match options.forwarder {
+        Forwarder::Splice => 4 * crate::forward::splice::POOL_LIMIT as u64,
+        Forwarder::Copy | Forwarder::Sockmap => 0,
     };
-    let reserved = RESERVED_FDS + 8 * options.workers as u64;
-    let max = limit.saturating_sub(reserved) / per_connection;
+    let reserved = RESERVED_FDS + (8 + pipes) * options.workers as u64;
+    let max = limit.saturating_sub(reserved) / 2;
     u32::try_from(max).unwrap_or(u32::MAX).max(1)
 }
 
