@@ -7,12 +7,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
-use netlab::{ClientPod, Netns};
+use netlab::ClientPod;
 
 const PORT: u16 = 9080;
 const OTHER_PORT: u16 = 9081;
@@ -97,27 +97,6 @@ fn bypass_source_still_shows_the_bypass_address() {
     sluice.stop();
 }
 
-/// A short connection from a fixed client port: request, reply, and the
-/// workload closes first.
-fn short_connection(client: &Netns, source_port: u16) -> std::io::Result<()> {
-    let socket = client.run(|| {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::new(ClientPod::CLIENT_V4.into(), source_port).into())?;
-        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-        socket.connect_timeout(&pod_v4(PORT).into(), Duration::from_secs(5))?;
-        std::io::Result::Ok(socket)
-    })?;
-    let mut stream: TcpStream = socket.into();
-    stream.write_all(REQUEST)?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
-    if reply != REPLY {
-        return Err(std::io::Error::other(format!("bad reply {reply:?}")));
-    }
-    Ok(())
-}
-
 /// One client address holding 5,000 connections through sluice, then
 /// 20,000 short connections from the same address and 32 source ports
 /// (each reused hundreds of times): every one goes through sluice. sluice's
@@ -154,7 +133,7 @@ fn one_client_address_holding_5000_then_a_burst_of_20000() {
         let outcome = loop {
             let port = 61_000 + (next % u64::from(CLIENT_PORTS)) as u16;
             next += 1;
-            match short_connection(&topology.client, port) {
+            match topology.client.run(|| short_connection(port, pod_v4(PORT))) {
                 Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
                 other => break other.map_err(|e| format!("#{i} from port {port}: {e}")),
@@ -205,36 +184,8 @@ fn one_client_address_outlasts_the_upstream_port_range() {
         ],
     );
     let started = Instant::now();
-    let failures: Vec<String> = std::thread::scope(|scope| {
-        let clients: Vec<_> = [pod_v4(PORT), pod_v6(PORT)]
-            .into_iter()
-            .map(|to| {
-                let client = &topology.client;
-                scope.spawn(move || {
-                    let mut failures = Vec::new();
-                    for _ in 0..CONNECTIONS {
-                        let outcome = connect(client, to).and_then(|mut stream| {
-                            stream.write_all(b"x")?;
-                            stream.shutdown(std::net::Shutdown::Write)?;
-                            let mut reply = Vec::new();
-                            stream.read_to_end(&mut reply)?;
-                            Ok(reply)
-                        });
-                        match outcome {
-                            Ok(reply) if reply == [b"x".as_slice(), TRAILER].concat() => {}
-                            Ok(reply) => failures.push(format!("{to}: reply {reply:?}")),
-                            Err(error) => failures.push(format!("{to}: {error}")),
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        clients
-            .into_iter()
-            .flat_map(|client| client.join().expect("client thread"))
-            .collect()
-    });
+    let failures =
+        clients_closing_first(&topology.client, &[pod_v4(PORT), pod_v6(PORT)], CONNECTIONS);
     eprintln!(
         "2 x {CONNECTIONS} connections through {PORTS} upstream ports in {:?}",
         started.elapsed()
@@ -249,20 +200,6 @@ fn one_client_address_outlasts_the_upstream_port_range() {
         workload.via_sluice.load(Ordering::SeqCst),
         2 * u64::from(CONNECTIONS)
     );
-}
-
-/// A server on `ip` in `ns` that answers every connection with "served".
-fn answering_server(ns: &Netns, ip: IpAddr) -> SocketAddr {
-    let listener = ns
-        .run(|| TcpListener::bind(SocketAddr::new(ip, 0)))
-        .expect("bind the answering server");
-    let addr = listener.local_addr().expect("local addr");
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let _ = stream.write_all(b"served");
-        }
-    });
-    addr
 }
 
 /// With the client source and its return path installed, everything that

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -52,22 +52,6 @@ fn echo_once_checked(stream: &mut TcpStream, line: &[u8]) -> std::io::Result<()>
         return Err(std::io::Error::other(format!("echoed {back:?}")));
     }
     Ok(())
-}
-
-/// A server on `ip` in `ns` that answers every connection with "served"
-/// and closes.
-fn answering_server(ns: &Netns, ip: IpAddr) -> SocketAddr {
-    let listener = ns
-        .run(|| TcpListener::bind(SocketAddr::new(ip, 0)))
-        .expect("bind the answering server");
-    let addr = listener.local_addr().expect("local addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let _ = stream.write_all(b"served");
-        }
-    });
-    addr
 }
 
 /// `sluice run` with no interception flag at all: every port (`*`). Inbound
@@ -554,29 +538,8 @@ fn ipv6_connection_rate_outlasts_the_port_range() {
     let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 4);
     let _sluice = Sluice::run(&topology.pod, &["--ports", "9080", "--install-rules"]);
     let started = Instant::now();
-    let failures: Vec<String> = std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut failures = Vec::new();
-                    for _ in 0..CONNECTIONS / CLIENTS {
-                        let outcome = connect(&topology.client, pod_v6(PORT))
-                            .map(|stream| exchange(stream, b"x".to_vec()));
-                        match outcome {
-                            Ok(reply) if reply == [b"x".as_slice(), TRAILER].concat() => {}
-                            Ok(reply) => failures.push(format!("reply {reply:?}")),
-                            Err(error) => failures.push(error.to_string()),
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        clients
-            .into_iter()
-            .flat_map(|client| client.join().expect("client thread"))
-            .collect()
-    });
+    let targets = [pod_v6(PORT); CLIENTS as usize];
+    let failures = clients_closing_first(&topology.client, &targets, CONNECTIONS / CLIENTS);
     eprintln!(
         "{CONNECTIONS} IPv6 connections through a port range of {PORTS} in {:?}",
         started.elapsed()

@@ -145,7 +145,7 @@ fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose:
                         let outcome = loop {
                             let port = ports[next % ports.len()];
                             next += 1;
-                            match short_connection(port) {
+                            match short_connection(port, pod_v4(PORT)) {
                                 Err(e) if e.kind() == ErrorKind::AddrNotAvailable => continue,
                                 Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
                                 other => break other,
@@ -182,23 +182,6 @@ fn burst_of_connections_reusing_ports(mode: &str, conntrack: Conntrack, purpose:
     assert_eq!(workload.via_sluice.load(Ordering::SeqCst), CONNECTIONS);
     assert_conntrack(&topology, conntrack);
     sluice.stop();
-}
-
-fn short_connection(source_port: u16) -> std::io::Result<()> {
-    const SHORT: Duration = Duration::from_secs(5);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::new(ClientPod::CLIENT_V4.into(), source_port).into())?;
-    socket.set_read_timeout(Some(SHORT))?;
-    socket.connect_timeout(&pod_v4(PORT).into(), SHORT)?;
-    let mut stream: TcpStream = socket.into();
-    stream.write_all(REQUEST)?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
-    if reply != REPLY {
-        return Err(std::io::Error::other(format!("bad reply {reply:?}")));
-    }
-    Ok(())
 }
 
 fn closed_workload_port_resets_the_client_and_sluice_goes_on(mode: &str, purpose: &str) {

@@ -458,3 +458,75 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A server on `ip` in `ns` that answers every connection with "served" and
+/// closes: something for the pod to reach out to, or for a client to reach
+/// on a port sluice does not intercept.
+pub fn answering_server(ns: &Netns, ip: IpAddr) -> SocketAddr {
+    let listener = ns
+        .run(|| TcpListener::bind(SocketAddr::new(ip, 0)))
+        .expect("bind the answering server");
+    let addr = listener.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"served");
+        }
+    });
+    addr
+}
+
+/// `count` short connections to each of `targets` (an [`Behaviour::Echo`]
+/// workload), a thread per target, the client closing first: it sends a
+/// byte and half-closes, then reads the echo and the trailer. What failed.
+pub fn clients_closing_first(client: &Netns, targets: &[SocketAddr], count: u32) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = targets
+            .iter()
+            .map(|&to| {
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for _ in 0..count {
+                        let outcome = connect(client, to).and_then(|mut stream| {
+                            stream.write_all(b"x")?;
+                            stream.shutdown(Shutdown::Write)?;
+                            let mut reply = Vec::new();
+                            stream.read_to_end(&mut reply)?;
+                            Ok(reply)
+                        });
+                        match outcome {
+                            Ok(reply) if reply == [b"x".as_slice(), TRAILER].concat() => {}
+                            Ok(reply) => failures.push(format!("{to}: reply {reply:?}")),
+                            Err(error) => failures.push(format!("{to}: {error}")),
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|thread| thread.join().expect("client thread"))
+            .collect()
+    })
+}
+
+/// A short connection from the client's address and `source_port` (reused:
+/// `SO_REUSEADDR`) to a [`Behaviour::ReplyAndClose`] or `ReplyOrHold`
+/// workload at `to`: request, reply, and the workload closes first. Runs in
+/// the calling thread's namespace (the client's).
+pub fn short_connection(source_port: u16, to: SocketAddr) -> std::io::Result<()> {
+    const SHORT: Duration = Duration::from_secs(5);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(netlab::ClientPod::CLIENT_V4.into(), source_port).into())?;
+    socket.set_read_timeout(Some(SHORT))?;
+    socket.connect_timeout(&to.into(), SHORT)?;
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(REQUEST)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    if reply != REPLY {
+        return Err(std::io::Error::other(format!("bad reply {reply:?}")));
+    }
+    Ok(())
+}
