@@ -88,36 +88,27 @@ pub fn start(
         }
         Source::Client { ports } => ports,
     };
-    let span = u32::from(high) - u32::from(low) + 1;
-    let tries = if search { span } else { 1 };
-    for _ in 0..tries {
-        let offset = NEXT_PORT.with(|next| {
-            let offset = next.get() % span;
-            next.set(offset + 1);
-            offset
-        });
-        let port = u16::try_from(u32::from(low) + offset).unwrap_or(low);
-        let socket = linux::upstream_socket(destination, mark, search)?;
-        let taken = |error: &io::Error| {
-            matches!(
-                error.raw_os_error(),
-                Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
-            )
-        };
-        match linux::bind_transparent(&socket, SocketAddr::new(client, port)) {
-            Ok(()) => {}
-            Err(error) if taken(&error) && search => continue,
-            // A port something listens on, say: the caller searches.
-            Err(error) if taken(&error) => {
-                return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+    let ports = Ports { low, high };
+    if !search {
+        let socket = linux::upstream_socket(destination, mark, false)?;
+        match linux::bind_transparent(&socket, SocketAddr::new(client, ports.next())) {
+            Ok(()) => {
+                return Ok(Pending {
+                    socket,
+                    started: false,
+                })
             }
+            // A port something listens on, say: search from here.
+            Err(error) if taken(&error) => {}
             Err(error) => return Err(error),
         }
-        if !search {
-            return Ok(Pending {
-                socket,
-                started: false,
-            });
+    }
+    for _ in 0..ports.span() {
+        let socket = linux::upstream_socket(destination, mark, true)?;
+        match linux::bind_transparent(&socket, SocketAddr::new(client, ports.next())) {
+            Ok(()) => {}
+            Err(error) if taken(&error) => continue,
+            Err(error) => return Err(error),
         }
         match linux::start_connect(&socket, destination) {
             Ok(()) => {
@@ -131,6 +122,36 @@ pub fn start(
         }
     }
     Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+}
+
+/// A port (or its 4-tuple) someone holds: try the next.
+fn taken(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// `--upstream-ports`, walked by this worker from its own place.
+struct Ports {
+    low: u16,
+    high: u16,
+}
+
+impl Ports {
+    fn span(&self) -> u32 {
+        u32::from(self.high) - u32::from(self.low) + 1
+    }
+
+    fn next(&self) -> u16 {
+        let span = self.span();
+        let offset = NEXT_PORT.with(|next| {
+            let offset = next.get() % span;
+            next.set(offset + 1);
+            offset
+        });
+        u16::try_from(u32::from(self.low) + offset).unwrap_or(self.low)
+    }
 }
 
 impl Pending {

@@ -147,12 +147,7 @@ fn one_client_address_holding_5000_then_a_burst_of_20000() {
         "{BURST} short connections from {CLIENT_PORTS} ports beside {HELD} held ones in {:?}",
         started.elapsed()
     );
-    assert!(
-        failures.is_empty(),
-        "{} failed, the first: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_none_failed(&failures);
     assert_eq!(workload.via_sluice.load(Ordering::SeqCst), HELD + BURST);
     assert_eq!(workload.direct.load(Ordering::SeqCst), 0);
     let peers = workload.sluice_peers.lock().unwrap();
@@ -190,12 +185,7 @@ fn one_client_address_outlasts_the_upstream_port_range() {
         "2 x {CONNECTIONS} connections through {PORTS} upstream ports in {:?}",
         started.elapsed()
     );
-    assert!(
-        failures.is_empty(),
-        "{} failed, the first: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_none_failed(&failures);
     assert_eq!(
         workload.via_sluice.load(Ordering::SeqCst),
         2 * u64::from(CONNECTIONS)

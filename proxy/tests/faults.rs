@@ -544,12 +544,7 @@ fn ipv6_connection_rate_outlasts_the_port_range() {
         "{CONNECTIONS} IPv6 connections through a port range of {PORTS} in {:?}",
         started.elapsed()
     );
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_none_failed(&failures);
     assert_eq!(
         workload.via_sluice.load(Ordering::SeqCst),
         u64::from(CONNECTIONS)

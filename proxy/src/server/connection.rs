@@ -34,7 +34,15 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
     }
 
     let connect_started = Instant::now();
-    let upstream = match connect(&registration, peer, destination.addr, &settings).await {
+    let upstream = match connect(
+        &registration,
+        peer,
+        destination.addr,
+        &settings,
+        connect_started,
+    )
+    .await
+    {
         Ok(upstream) => upstream,
         Err((failure, error)) => {
             stats::add(&worker.stats.connect_failures[failure as usize], 1);
@@ -94,8 +102,8 @@ async fn connect(
     client: ClientAddr,
     destination: SocketAddr,
     settings: &Settings,
+    started: Instant,
 ) -> Result<TcpStream, (ConnectFailure, io::Error)> {
-    let started = Instant::now();
     let mut search = false;
     loop {
         let pending = upstream::start(

@@ -530,3 +530,13 @@ pub fn short_connection(source_port: u16, to: SocketAddr) -> std::io::Result<()>
     }
     Ok(())
 }
+
+/// Fails with the count and the first few when any connection failed.
+pub fn assert_none_failed(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failed, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
