@@ -218,14 +218,18 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
 }
 
 /// The forwarder as sluice sets it up. sockmap has no fallback here: copy's
-/// figures must not appear under its name.
+/// figures must not appear under its name; and it joins at once, so that
+/// these figures are the kernel's redirect, not copy's first moments.
 fn forwarding(forwarder: Forwarder) -> Forwarding {
     match forwarder {
         Forwarder::Sockmap => match SockmapEngine::new() {
-            Ok(engine) => Forwarding::Sockmap(Arc::new(engine)),
+            Ok(engine) => Forwarding::Sockmap {
+                engine: Arc::new(engine),
+                after: std::time::Duration::ZERO,
+            },
             Err(error) => panic!("the sockmap forwarder: {}", chain(&error)),
         },
-        other => Forwarding::new(other),
+        other => Forwarding::new(other, std::time::Duration::ZERO),
     }
 }
 
@@ -255,13 +259,14 @@ fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding
             .await
             .expect("forwarder: connect to the server");
         match &forwarding {
-            Forwarding::Sockmap(engine) => match sockmap::forward(engine, &client, &upstream).await
-            {
-                sockmap::Outcome::Forwarded(forwarded) => forwarded,
-                sockmap::Outcome::NotJoined(e) | sockmap::Outcome::Failed(e) => {
-                    panic!("sockmap: the sockets were not joined: {e}")
+            Forwarding::Sockmap { engine, .. } => {
+                match sockmap::forward(engine, &client, &upstream, [0, 0]).await {
+                    sockmap::Outcome::Forwarded(forwarded) => forwarded,
+                    sockmap::Outcome::NotJoined(e) | sockmap::Outcome::Failed(e) => {
+                        panic!("sockmap: the sockets were not joined: {e}")
+                    }
                 }
-            },
+            }
             _ => forward::forward(&forwarding, &client, &upstream)
                 .await
                 .expect("the forwarder could not start"),

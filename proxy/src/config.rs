@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// How the bytes of a connection are moved between its two sockets.
     #[arg(long, value_enum, default_value_t = Forwarder::Copy)]
     pub forward: Forwarder,
+    /// With `--forward sockmap`: connections are copied until they are this
+    /// old, then joined in the kernel (joining costs more than a short
+    /// connection gains); 0 joins every connection at once.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub sockmap_after: Duration,
     /// Data-path threads, each with its own io_uring runtime [default: one per core].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,

@@ -310,6 +310,37 @@ pub fn events_now(socket: &impl AsRawFd, events: i16) -> io::Result<i16> {
     Ok(fds[0].revents)
 }
 
+/// The most payload `socket`'s receive queue can hold: its receive buffer
+/// (`SO_RCVBUF`, the kernel's figure, which already counts overhead).
+pub fn receive_buffer(socket: &impl AsRawFd) -> io::Result<usize> {
+    with_sockref(socket, |s| s.recv_buffer_size())
+}
+
+/// Reads what `socket` holds now into `buffer`'s spare capacity, without
+/// waiting (`MSG_DONTWAIT`): `WouldBlock` when nothing is there, 0 at end of
+/// stream. For readers that wait for readiness first and so hold no read in
+/// the kernel while they wait.
+pub fn recv_now(socket: &impl AsRawFd, buffer: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buffer.spare_capacity_mut();
+    // SAFETY: `spare` is writable memory of `spare.len()` bytes that the
+    // kernel fills; only the bytes it reports are marked initialised.
+    let rc = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = rc as usize;
+    // SAFETY: the kernel wrote `n` bytes right after the initialised part.
+    unsafe { buffer.set_len(buffer.len() + n) };
+    Ok(n)
+}
+
 /// Whether the calling thread may load networking BPF programs and make
 /// sockmaps: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN in its effective
 /// set (capabilities are per thread, hence /proc/thread-self).

@@ -99,6 +99,7 @@ fn run_options(args: RunArgs, log: LogControl) -> anyhow::Result<RunOptions> {
         policy,
         pin: args.pin,
         forwarder: args.forward,
+        sockmap_after: args.sockmap_after,
         install_rules: args.install_rules,
         workers,
         connect_timeout: args.connect_timeout,

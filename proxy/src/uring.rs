@@ -5,7 +5,8 @@
 //!   only sockets it creates, and sluice's must be bound to the bypass source
 //!   first);
 //! - `poll` for readiness, which the splice forwarder waits on before each
-//!   non-blocking `splice(2)`.
+//!   non-blocking `splice(2)`;
+//! - `cancel` of whatever is in flight on a descriptor (a poll given up).
 //!
 //! Everything here is specific to the runtime; a move to another io_uring
 //! runtime changes this file, not the forwarders' logic.
@@ -35,7 +36,18 @@ pub async fn connect(socket: Socket, address: SockAddr) -> io::Result<Socket> {
 /// resolves to the events that are.
 pub async fn poll(fd: RawFd, events: u32) -> io::Result<u32> {
     let entry = opcode::PollAdd::new(types::Fd(fd), events).build();
-    UnsubmittedOneshot::new((), Polled, entry).submit().await
+    UnsubmittedOneshot::new((), Plain, entry).submit().await
+}
+
+/// Cancels every operation in flight on `fd` (`IORING_ASYNC_CANCEL_FD` and
+/// `_ALL`); resolves to how many there were. Their own completions come
+/// with ECANCELED.
+pub async fn cancel(fd: RawFd) -> io::Result<u32> {
+    let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
+    match UnsubmittedOneshot::new((), Plain, entry).submit().await {
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+        done => done,
+    }
 }
 
 /// Kept alive until the kernel completes the connect: the socket and the
@@ -57,9 +69,10 @@ impl OneshotOutputTransform for Connected {
     }
 }
 
-struct Polled;
+/// An operation whose result is a plain count or mask.
+struct Plain;
 
-impl OneshotOutputTransform for Polled {
+impl OneshotOutputTransform for Plain {
     type Output = io::Result<u32>;
     type StoredData = ();
 

@@ -13,55 +13,11 @@ use common::*;
 use netlab::{ClientPod, Netns};
 
 const PORT: u16 = 9080;
-const METRICS: u16 = 15020;
 const READINESS: u16 = 15021;
 const ADMIN: &str = "127.0.0.1:15000";
 
-/// One HTTP/1.1 request on a fresh connection made in `ns`: (status, body).
-fn request(ns: &Netns, method: &str, to: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = ns.run(|| TcpStream::connect_timeout(&to, PATIENCE))?;
-    stream.set_read_timeout(Some(PATIENCE))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of the response head: {response:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    Ok((status, body.to_string()))
-}
-
-fn get(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
-    request(ns, "GET", to, path).unwrap_or_else(|e| panic!("GET {to}{path}: {e}"))
-}
-
-fn post(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
-    request(ns, "POST", to, path).unwrap_or_else(|e| panic!("POST {to}{path}: {e}"))
-}
-
 fn admin() -> SocketAddr {
     ADMIN.parse().expect("admin address")
-}
-
-/// The value of one sample (`name` with its labels, as exposed).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
 
 /// Scrapes from the client namespace until `done` holds (bounded).

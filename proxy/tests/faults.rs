@@ -266,7 +266,7 @@ fn sigterm_during_download(mode: &str, forwarder: &str) {
         received.len()
     );
     assert_eq!(received.len(), LEN);
-    assert!(received == download_bytes(LEN), "bytes differ");
+    assert!(received == *download_bytes(LEN), "bytes differ");
     drop(stream);
     let status = sluice.wait_exit();
     assert!(

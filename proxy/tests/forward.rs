@@ -19,12 +19,13 @@ struct Setup {
     sluice: Sluice,
 }
 
-fn setup(forwarder: &str, purpose: &str, behaviour: Behaviour) -> Setup {
+/// `forwarder`: the flags that choose it (`--forward X`, and its own).
+fn setup(forwarder: &[&str], purpose: &str, behaviour: Behaviour) -> Setup {
     let topology = ClientPod::new(purpose).expect("topology");
     let workload = Workload::start(&topology.pod, PORT, behaviour, 1);
     let sluice = Sluice::run(
         &topology.pod,
-        &["--forward", forwarder, "--ports", "9080", "--install-rules"],
+        &[forwarder, &["--ports", "9080", "--install-rules"]].concat(),
     );
     Setup {
         topology,
@@ -33,7 +34,7 @@ fn setup(forwarder: &str, purpose: &str, behaviour: Behaviour) -> Setup {
     }
 }
 
-fn payloads_are_byte_exact_both_ways(forwarder: &str, purpose: &str) {
+fn payloads_are_byte_exact_both_ways(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::Echo);
     for (len, seed) in [(1, 1), (64 << 10, 2), (64 << 20, 3)] {
         let payload = random_bytes(len, seed);
@@ -45,7 +46,7 @@ fn payloads_are_byte_exact_both_ways(forwarder: &str, purpose: &str) {
     assert_eq!(s.workload.via_sluice.load(Ordering::SeqCst), 3);
 }
 
-fn client_half_close(forwarder: &str, purpose: &str) {
+fn client_half_close(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::Echo);
     let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
     stream.write_all(b"request").expect("write");
@@ -57,7 +58,7 @@ fn client_half_close(forwarder: &str, purpose: &str) {
     assert_eq!(reply, [b"request".as_slice(), TRAILER].concat());
 }
 
-fn workload_half_close(forwarder: &str, purpose: &str) {
+fn workload_half_close(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::GreetThenDrain);
     let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
     // The workload's FIN arrives first; the client's bytes must still flow.
@@ -80,7 +81,7 @@ fn workload_half_close(forwarder: &str, purpose: &str) {
     );
 }
 
-fn workload_reset_reaches_the_client(forwarder: &str, purpose: &str) {
+fn workload_reset_reaches_the_client(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::ResetAfter(1000));
     let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
     let chunk = random_bytes(64 << 10, 5);
@@ -113,7 +114,7 @@ fn workload_reset_reaches_the_client(forwarder: &str, purpose: &str) {
     );
 }
 
-fn client_abort_closes_the_workload_side(forwarder: &str, purpose: &str) {
+fn client_abort_closes_the_workload_side(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::GreetThenDrain);
     let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
     stream.write_all(&random_bytes(10_000, 6)).expect("write");
@@ -126,7 +127,7 @@ fn client_abort_closes_the_workload_side(forwarder: &str, purpose: &str) {
     });
 }
 
-fn sequential_connections_leak_nothing(forwarder: &str, purpose: &str) {
+fn sequential_connections_leak_nothing(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::Echo);
     let round = |n: usize| {
         for i in 0..n {
@@ -190,7 +191,7 @@ fn sockmap_entries(pid: u32) -> usize {
 /// a FIN most of the bytes before it are still on their way through sluice
 /// (for sockmap: queued on the peer's psock). Passing the FIN on too early
 /// loses them.
-fn in_flight_bytes_survive_half_close(forwarder: &str, purpose: &str) {
+fn in_flight_bytes_survive_half_close(forwarder: &[&str], purpose: &str) {
     const LEN: usize = 8 << 20;
     const PAUSE: Duration = Duration::from_millis(300);
     const PARALLEL: usize = 6;
@@ -201,14 +202,10 @@ fn in_flight_bytes_survive_half_close(forwarder: &str, purpose: &str) {
     let sluice = Sluice::run(
         &topology.pod,
         &[
-            "--forward",
             forwarder,
-            "--ports",
-            "9080",
-            "--install-rules",
-            "--log-level",
-            "debug",
-        ],
+            &["--ports", "9080", "--install-rules", "--log-level", "debug"],
+        ]
+        .concat(),
     );
     // The workload says "go" first and the client waits for it: the
     // connection is then set up through sluice (for sockmap: joined, which
@@ -279,7 +276,7 @@ fn in_flight_bytes_survive_half_close(forwarder: &str, purpose: &str) {
     let log = sluice.stop();
     assert!(
         !log.contains("with copy"),
-        "a connection was not forwarded by {forwarder}:\n{log}"
+        "a connection was not forwarded by {forwarder:?}:\n{log}"
     );
 }
 
@@ -317,10 +314,10 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 }
 
 macro_rules! suite {
-    ($forwarder:ident) => {
+    ($forwarder:ident, $flags:expr) => {
         mod $forwarder {
             use super::*;
-            const FORWARDER: &str = stringify!($forwarder);
+            const FORWARDER: &[&str] = &$flags;
 
             #[test]
             fn payloads_1b_64kib_64mib_are_byte_exact_both_ways() {
@@ -375,9 +372,15 @@ macro_rules! suite {
     };
 }
 
-suite!(copy);
-suite!(splice);
-suite!(sockmap);
+suite!(copy, ["--forward", "copy"]);
+suite!(splice, ["--forward", "splice"]);
+// The default: copied first, joined once older than --sockmap-after.
+suite!(sockmap, ["--forward", "sockmap"]);
+// Joined as soon as the upstream connection is made.
+suite!(
+    sockmap_now,
+    ["--forward", "sockmap", "--sockmap-after", "0"]
+);
 
 /// What only the sockmap forwarder has: joining through its maps, and the
 /// fallback to copy where the kernel refuses.
@@ -399,6 +402,8 @@ mod sockmap_specific {
             &[
                 "--forward",
                 "sockmap",
+                "--sockmap-after",
+                "0",
                 "--ports",
                 "9080",
                 "--install-rules",
@@ -437,6 +442,122 @@ mod sockmap_specific {
             "a connection fell back to copy:\n{}",
             s.sluice.log()
         );
+    }
+
+    /// Waits until sluice's counters of connections joined in the kernel and
+    /// of those it could not join reach `expected` (a connection is counted
+    /// when both its directions have ended, a moment after the client sees
+    /// its end), and fails with the figures if they do not.
+    fn assert_joined_and_fallbacks(client: &netlab::Netns, expected: (f64, f64)) {
+        let scrape = || {
+            let (status, metrics) = get(client, pod_v4(METRICS), "/metrics");
+            assert_eq!(status, 200, "{metrics}");
+            (
+                sample(&metrics, "sluice_sockmap_joined_total"),
+                sample(&metrics, "sluice_forwarder_fallbacks_total"),
+            )
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while scrape() != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(scrape(), expected, "(joined, fell back)");
+    }
+
+    fn sockmap_after(purpose: &str, after: &str, behaviour: Behaviour) -> Setup {
+        setup(
+            &[
+                "--forward",
+                "sockmap",
+                "--sockmap-after",
+                after,
+                "--log-level",
+                "debug",
+            ],
+            purpose,
+            behaviour,
+        )
+    }
+
+    /// Connections that end before `--sockmap-after` never touch the maps:
+    /// copy forwards them whole, bytes exact.
+    #[test]
+    fn connections_shorter_than_sockmap_after_stay_on_copy() {
+        let s = sockmap_after("sm-short", "1m", Behaviour::Echo);
+        for i in 0..20 {
+            let payload = random_bytes(10_000, i);
+            let stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
+            let received = exchange(stream, payload.clone());
+            assert_eq!(received, [payload.as_slice(), TRAILER].concat());
+        }
+        assert_eq!(sockmap_entries(s.sluice.pid()), 0);
+        assert_joined_and_fallbacks(&s.topology.client, (0.0, 0.0));
+        assert_eq!(s.workload.via_sluice.load(Ordering::SeqCst), 20);
+    }
+
+    /// A connection that waits past `--sockmap-after` is joined while it
+    /// waits; the bytes copied before and redirected after add up at its
+    /// FIN (sluice checks the count and resets on a mismatch).
+    #[test]
+    fn an_idle_connection_is_joined_once_older_than_sockmap_after() {
+        let s = sockmap_after("sm-idle", "200ms", Behaviour::Echo);
+        let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
+        let mut sent = Vec::new();
+        for (len, seed) in [(1000, 1), (1 << 20, 2)] {
+            let request = random_bytes(len, seed);
+            stream.write_all(&request).expect("request");
+            let mut reply = vec![0u8; len];
+            stream.read_exact(&mut reply).expect("echo");
+            assert!(reply == request, "the {len}-byte echo differs");
+            sent.extend_from_slice(&request);
+            // The first exchange is copied; the connection then waits and is
+            // joined; the second goes through the kernel.
+            wait_until("the connection is joined", || {
+                sockmap_entries(s.sluice.pid()) == 6
+            });
+        }
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).expect("trailer");
+        assert_eq!(rest, TRAILER);
+        wait_until("the maps are empty", || {
+            sockmap_entries(s.sluice.pid()) == 0
+        });
+        assert_joined_and_fallbacks(&s.topology.client, (1.0, 0.0));
+    }
+
+    /// A download that is still flowing at `--sockmap-after` is handed over
+    /// between two writes: the client receives every byte, in order, and
+    /// the workload's FIN after them.
+    #[test]
+    fn a_download_is_handed_over_while_it_flows() {
+        const LEN: usize = 64 << 20;
+        // Made before the workload needs it, so that it sends at once.
+        let expected = download_bytes(LEN);
+        let s = sockmap_after("sm-flow", "20ms", Behaviour::Download(LEN));
+        let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        // Read at a pace, so that the download lasts well past the 20 ms.
+        let mut received = Vec::with_capacity(LEN);
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = stream.read(&mut chunk).unwrap_or_else(|e| {
+                panic!(
+                    "download after {} bytes: {e}\n{}",
+                    received.len(),
+                    s.sluice.log()
+                )
+            });
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&chunk[..n]);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(received.len(), LEN);
+        assert!(received == *expected, "the download differs");
+        drop(stream);
+        assert_joined_and_fallbacks(&s.topology.client, (1.0, 0.0));
     }
 
     /// Without CAP_BPF and CAP_SYS_ADMIN sluice says once that sockmap is

@@ -19,6 +19,7 @@ pub fn effective_config(options: &RunOptions) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "policy": policy(&options.policy),
         "forward": format!("{:?}", options.forwarder).to_lowercase(),
+        "sockmap_after": seconds(options.sockmap_after),
         "install_rules": options.install_rules,
         "pin": options.pin.as_ref().map(|p| p.display().to_string()),
         "workers": options.workers,

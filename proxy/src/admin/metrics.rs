@@ -124,6 +124,12 @@ impl Collector for Workers {
             "Connections the sockmap forwarder could not take, forwarded with copy.",
             total(|s| &s.forwarder_fallbacks),
         )?;
+        counter(
+            &mut encoder,
+            "sluice_sockmap_joined",
+            "Connections the sockmap forwarder joined in the kernel (the others ended on copy before --sockmap-after).",
+            total(|s| &s.sockmap_joined),
+        )?;
         histogram(
             &mut encoder,
             "sluice_upstream_connect_duration",

@@ -6,15 +6,15 @@
 
 use tokio_uring::net::TcpStream;
 
-use super::{Direction, End, Forwarded, Teardown};
+use super::{Direction, End, Forwarded, Sockmap, Teardown};
 
 /// An idle connection holds two of these (a read is always pending on each
 /// side, and the ring owns its buffer until it completes): 512 bytes keep
 /// 10,000 idle connections at 10 MiB of buffers rather than 80, while a
 /// request or reply of that size or less, the usual RPC, still moves in one
 /// read. A stream that fills it grows it in a few reads.
-const INITIAL_BUFFER: usize = 512;
-const MAX_BUFFER: usize = 256 * 1024;
+pub(super) const INITIAL_BUFFER: usize = 512;
+pub(super) const MAX_BUFFER: usize = 256 * 1024;
 
 /// Forwards both directions concurrently until both have ended.
 pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
@@ -26,7 +26,7 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
     Forwarded {
         upstream: to_upstream,
         downstream: to_client,
-        fell_back: false,
+        sockmap: Sockmap::NotJoined,
     }
 }
 

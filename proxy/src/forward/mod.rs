@@ -5,12 +5,14 @@
 //! reset, both sockets closed at the end.
 
 pub mod copy;
+mod handover;
 pub mod sockmap;
 pub mod splice;
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_uring::net::TcpStream;
 
@@ -43,8 +45,20 @@ pub struct Forwarded {
     pub upstream: Direction,
     /// workload → client
     pub downstream: Direction,
-    /// The sockmap forwarder could not take the connection; copy did.
-    pub fell_back: bool,
+    pub sockmap: Sockmap,
+}
+
+/// What became of a connection under the sockmap forwarder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sockmap {
+    /// Not joined: another forwarder, or a connection that ended on copy
+    /// before `--sockmap-after`.
+    #[default]
+    NotJoined,
+    /// Joined in the kernel.
+    Joined,
+    /// The kernel would not join it; copy forwarded it.
+    FellBack,
 }
 
 /// The forwarder a process runs with, and what it needs: the sockmap
@@ -53,19 +67,27 @@ pub struct Forwarded {
 pub enum Forwarding {
     Copy,
     Splice,
-    Sockmap(Arc<sockmap::SockmapEngine>),
+    Sockmap {
+        engine: Arc<sockmap::SockmapEngine>,
+        /// A connection is copied until it is this old, then joined
+        /// (`--sockmap-after`; zero joins at once).
+        after: Duration,
+    },
 }
 
 impl Forwarding {
     /// Sets `forwarder` up. Where the kernel refuses the sockmap forwarder
     /// (no CAP_BPF/CAP_NET_ADMIN, an old kernel) this says so in one log
     /// line and forwards with copy instead.
-    pub fn new(forwarder: Forwarder) -> Forwarding {
+    pub fn new(forwarder: Forwarder, sockmap_after: Duration) -> Forwarding {
         match forwarder {
             Forwarder::Copy => Forwarding::Copy,
             Forwarder::Splice => Forwarding::Splice,
             Forwarder::Sockmap => match sockmap::SockmapEngine::new() {
-                Ok(engine) => Forwarding::Sockmap(Arc::new(engine)),
+                Ok(engine) => Forwarding::Sockmap {
+                    engine: Arc::new(engine),
+                    after: sockmap_after,
+                },
                 Err(error) => {
                     tracing::warn!(
                         error = %ErrorChain(&error),
@@ -82,7 +104,7 @@ impl Forwarding {
         match self {
             Forwarding::Copy => Forwarder::Copy,
             Forwarding::Splice => Forwarder::Splice,
-            Forwarding::Sockmap(_) => Forwarder::Sockmap,
+            Forwarding::Sockmap { .. } => Forwarder::Sockmap,
         }
     }
 }
@@ -113,18 +135,30 @@ pub async fn forward(
     let forwarded = match forwarding {
         Forwarding::Copy => Ok(copy::forward(client, upstream).await),
         Forwarding::Splice => splice::forward(client, upstream).await,
-        Forwarding::Sockmap(engine) => match sockmap::forward(engine, client, upstream).await {
-            sockmap::Outcome::Forwarded(forwarded) => Ok(forwarded),
-            sockmap::Outcome::NotJoined(error) => {
-                // No byte went through the kernel's redirect: copy can take
-                // the connection from its first byte.
-                sockmap::warn_not_joined(&error);
-                let mut forwarded = copy::forward(client, upstream).await;
-                forwarded.fell_back = true;
-                Ok(forwarded)
+        Forwarding::Sockmap { engine, after } => {
+            let copied = if after.is_zero() {
+                [0, 0]
+            } else {
+                match handover::copy_first(client, upstream, *after).await {
+                    handover::CopyFirst::Ended(forwarded) => return Ok(forwarded),
+                    handover::CopyFirst::HandedOver(copied) => copied,
+                }
+            };
+            match sockmap::forward(engine, client, upstream, copied).await {
+                sockmap::Outcome::Forwarded(forwarded) => Ok(forwarded),
+                sockmap::Outcome::NotJoined(error) => {
+                    // No byte went through the kernel's redirect: copy goes
+                    // on from where the sockets are.
+                    sockmap::warn_not_joined(&error);
+                    let mut forwarded = copy::forward(client, upstream).await;
+                    forwarded.upstream.bytes += copied[0];
+                    forwarded.downstream.bytes += copied[1];
+                    forwarded.sockmap = Sockmap::FellBack;
+                    Ok(forwarded)
+                }
+                sockmap::Outcome::Failed(error) => Err(error),
             }
-            sockmap::Outcome::Failed(error) => Err(error),
-        },
+        }
     };
     if forwarded.is_err() {
         abort(client);

@@ -60,7 +60,7 @@ use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, PrintLevel};
 use tokio_uring::net::TcpStream;
 use tracing::warn;
 
-use super::{Direction, End, Forwarded};
+use super::{Direction, End, Forwarded, Sockmap};
 use crate::linux;
 use crate::uring;
 
@@ -207,9 +207,15 @@ pub enum Outcome {
 }
 
 /// Joins the two sockets in the kernel and watches them until both
-/// directions have ended.
-pub async fn forward(engine: &SockmapEngine, client: &TcpStream, upstream: &TcpStream) -> Outcome {
-    let joined = match Joined::join(engine, [client, upstream]) {
+/// directions have ended. `copied`: the bytes each socket (client's first)
+/// received that were forwarded by copy before.
+pub async fn forward(
+    engine: &SockmapEngine,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    copied: [u64; 2],
+) -> Outcome {
+    let joined = match Joined::join(engine, [client, upstream], copied) {
         Ok(joined) => joined,
         Err(JoinError::Before(error)) => return Outcome::NotJoined(error),
         Err(JoinError::After(joined, error)) => {
@@ -230,7 +236,7 @@ pub async fn forward(engine: &SockmapEngine, client: &TcpStream, upstream: &TcpS
     Outcome::Forwarded(Forwarded {
         upstream: to_upstream,
         downstream: to_client,
-        fell_back: false,
+        sockmap: Sockmap::Joined,
     })
 }
 
@@ -251,12 +257,15 @@ struct Joined<'a> {
     cookies: [u64; 2],
     /// What each socket had written (acked + queued) before it was joined.
     written_before: [u64; 2],
+    /// What each socket had received and copy forwarded before.
+    copied: [u64; 2],
 }
 
 impl<'a> Joined<'a> {
     fn join(
         engine: &'a SockmapEngine,
         sockets: [&'a TcpStream; 2],
+        copied: [u64; 2],
     ) -> Result<Joined<'a>, JoinError<'a>> {
         let before = |error| JoinError::Before(explain(sockets, error));
         let cookies = [
@@ -273,6 +282,7 @@ impl<'a> Joined<'a> {
             sockets,
             cookies,
             written_before,
+            copied,
         };
         for side in [CLIENT, UPSTREAM] {
             let fd = socket_fd(sockets[side]);
@@ -362,11 +372,13 @@ impl<'a> Joined<'a> {
             Ok(bytes) => bytes,
             Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
         };
-        // Everything received but the FIN must have been redirected;
-        // otherwise bytes were dropped and the stream cannot go on intact.
-        if redirected + 1 != received {
+        // Everything received but the FIN must have been copied before the
+        // join or redirected since; otherwise bytes were dropped and the
+        // stream cannot go on intact.
+        let copied = self.copied[side];
+        if copied + redirected + 1 != received {
             let error = io::Error::other(format!(
-                "sockmap: {} bytes received before the FIN but {redirected} redirected",
+                "sockmap: {} bytes received before the FIN but {copied} copied and {redirected} redirected",
                 received.saturating_sub(1)
             ));
             return self.fail(side, failed, End::ReadFailed(error));
@@ -425,7 +437,7 @@ impl<'a> Joined<'a> {
 
     fn ended(&self, side: usize, end: End) -> Direction {
         Direction {
-            bytes: self.redirected(side).unwrap_or(0),
+            bytes: self.copied[side] + self.redirected(side).unwrap_or(0),
             end,
         }
     }

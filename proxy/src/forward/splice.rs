@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 
 use tokio_uring::net::TcpStream;
 
-use super::{Direction, End, Forwarded, Teardown};
+use super::{Direction, End, Forwarded, Sockmap, Teardown};
 use crate::linux::{self, Pipe};
 use crate::uring;
 
@@ -44,7 +44,7 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> io::Result<For
     Ok(Forwarded {
         upstream: to_upstream,
         downstream: to_client,
-        fell_back: false,
+        sockmap: Sockmap::NotJoined,
     })
 }
 

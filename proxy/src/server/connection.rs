@@ -12,7 +12,7 @@ use tracing::debug;
 
 use super::stats::{self, ConnectFailure, Refused};
 use super::worker::{Registration, Settings, Worker};
-use crate::forward::{self, End};
+use crate::forward::{self, End, Sockmap};
 use crate::linux;
 use crate::listener::{self, ClientAddr, OrigDst};
 use crate::upstream;
@@ -68,8 +68,10 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
     };
     stats::add(&stats.bytes_to_workload, forwarded.upstream.bytes);
     stats::add(&stats.bytes_to_client, forwarded.downstream.bytes);
-    if forwarded.fell_back {
-        stats::add(&stats.forwarder_fallbacks, 1);
+    match forwarded.sockmap {
+        Sockmap::NotJoined => {}
+        Sockmap::Joined => stats::add(&stats.sockmap_joined, 1),
+        Sockmap::FellBack => stats::add(&stats.forwarder_fallbacks, 1),
     }
     for (side, direction) in [
         ("client", &forwarded.upstream),

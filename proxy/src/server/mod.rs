@@ -82,6 +82,8 @@ pub struct RunOptions {
     /// ebpf mode: where to pin the program so it outlives sluice.
     pub pin: Option<std::path::PathBuf>,
     pub forwarder: Forwarder,
+    /// With sockmap: the age at which a connection is joined.
+    pub sockmap_after: Duration,
     pub install_rules: bool,
     pub workers: usize,
     pub connect_timeout: Duration,
@@ -146,7 +148,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     };
 
     // Once for all workers: the sockmap forwarder's program and maps.
-    let forwarding = forward::Forwarding::new(options.forwarder);
+    let forwarding = forward::Forwarding::new(options.forwarder, options.sockmap_after);
     drop_capabilities(policy.mode, forwarding.forwarder())?;
     let settings = Arc::new(Settings {
         mode: policy.mode,

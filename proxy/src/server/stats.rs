@@ -113,6 +113,8 @@ pub struct WorkerStats {
     pub bytes_to_client: AtomicU64,
     /// Sockmap connections the kernel would not join, forwarded with copy.
     pub forwarder_fallbacks: AtomicU64,
+    /// Connections the sockmap forwarder joined in the kernel.
+    pub sockmap_joined: AtomicU64,
     /// From the start of the upstream connect to its success.
     pub connect_duration: Histogram<ConnectBuckets>,
     /// From the successful upstream connect to the end of forwarding.

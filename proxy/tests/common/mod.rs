@@ -241,8 +241,17 @@ fn reset_after(mut stream: TcpStream, limit: usize) {
 }
 
 /// What a [`Behaviour::Download`] workload sends.
-pub fn download_bytes(len: usize) -> Vec<u8> {
-    random_bytes(len, 42)
+/// Made once per length and kept, so that a download starts at once (64
+/// MiB take a moment to make) and a test can make it before it connects.
+pub fn download_bytes(len: usize) -> Arc<Vec<u8>> {
+    static MADE: Mutex<Vec<(usize, Arc<Vec<u8>>)>> = Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, bytes)) = made.iter().find(|(made_len, _)| *made_len == len) {
+        return Arc::clone(bytes);
+    }
+    let bytes = Arc::new(random_bytes(len, 42));
+    made.push((len, Arc::clone(&bytes)));
+    bytes
 }
 
 fn download(mut stream: TcpStream, len: usize) {
@@ -539,4 +548,55 @@ pub fn assert_none_failed(failures: &[String]) {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+}
+
+/// Where `sluice run` serves its metrics by default.
+pub const METRICS: u16 = 15020;
+
+/// One HTTP/1.1 request on a fresh connection made in `ns`: (status, body).
+pub fn request(
+    ns: &Netns,
+    method: &str,
+    to: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = ns.run(|| TcpStream::connect_timeout(&to, PATIENCE))?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of the response head: {response:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    Ok((status, body.to_string()))
+}
+
+pub fn get(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
+    request(ns, "GET", to, path).unwrap_or_else(|e| panic!("GET {to}{path}: {e}"))
+}
+
+pub fn post(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
+    request(ns, "POST", to, path).unwrap_or_else(|e| panic!("POST {to}{path}: {e}"))
+}
+
+/// The value of one sample (`name` with its labels, as exposed).
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
