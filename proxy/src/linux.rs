@@ -310,6 +310,25 @@ pub fn events_now(socket: &impl AsRawFd, events: i16) -> io::Result<i16> {
     Ok(fds[0].revents)
 }
 
+/// Sends as much of `bytes` as `socket`'s send buffer takes now, without
+/// waiting (`MSG_DONTWAIT`; `MSG_NOSIGNAL`: a peer gone is an error, not a
+/// SIGPIPE): `WouldBlock` when the buffer is full.
+pub fn send_now(socket: &impl AsRawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is readable memory of `bytes.len()` bytes.
+    let rc = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
 /// The most payload `socket`'s receive queue can hold: its receive buffer
 /// (`SO_RCVBUF`, the kernel's figure, which already counts overhead).
 pub fn receive_buffer(socket: &impl AsRawFd) -> io::Result<usize> {

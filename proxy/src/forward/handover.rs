@@ -201,7 +201,7 @@ async fn pump(
         };
         let filled = n == buffer.capacity();
         drained = !filled;
-        let (written, returned) = to.write_all(buffer).await;
+        let (written, returned) = super::copy::write_all(to, buffer).await;
         buffer = returned;
         if let Err(error) = written {
             teardown.reset(from);
