@@ -98,9 +98,9 @@ pub fn upstream_socket(
     };
     let socket = Socket::new(Domain::for_address(destination), kind, None)?;
     socket.set_tcp_nodelay(true)?;
-    // The peer is in the pod, over lo: if it goes, the kernel says so at
-    // once; the namespace's keepalive timing is all this leg needs.
-    socket.set_keepalive(true)?;
+    // No keepalive: the peer is in the pod, on this kernel, which answers
+    // for it (a reset when it goes; probes are answered even while the
+    // workload hangs), so probes could never find it silent.
     socket.set_mark(mark)?;
     socket.bind_device(Some(b"lo"))?;
     Ok(socket)
