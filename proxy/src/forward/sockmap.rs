@@ -9,6 +9,11 @@
 //!
 //! ## Joining
 //!
+//! A connection comes here once it is older than `--sockmap-after`, after
+//! copy forwarded its first bytes (`handover`), or at once with
+//! `--sockmap-after 0`. The bytes copied before count as received and
+//! forwarded in the FIN handshake below.
+//!
 //! Both sockets enter `sl_targets` (where redirects look their peer up) and
 //! `sl_peers` (cookie → peer cookie, byte count) before either enters
 //! `sl_socks`, the map the program is attached to: a socket's bytes are
@@ -33,8 +38,9 @@
 //!    (`sl_peers[A].bytes`);
 //! 2. on A's FIN, `TCP_INFO` on A, read under A's socket lock, waits out the
 //!    processing of the FIN segment, which runs the program for everything
-//!    before it: A's count is now final. As a check, it must equal what A
-//!    received (`tcpi_bytes_received`, which counts the FIN as one) minus one;
+//!    before it: A's count is now final. As a check, with the bytes copied
+//!    before the join, it must equal what A received (`tcpi_bytes_received`,
+//!    which counts the FIN as one) minus one;
 //! 3. B has taken a byte into its send queue when `write_seq` passed it;
 //!    `tcpi_bytes_acked` then `SIOCOUTQ` (`write_seq - snd_una`), read in
 //!    that order, give a lower bound of `write_seq` (an ACK arriving between
