@@ -28,11 +28,13 @@ const ATTACH: Duration = Duration::from_millis(300);
 /// perf writes its data and strace detaches within this of SIGINT.
 const STOP_WITHIN: Duration = Duration::from_secs(30);
 
-/// The syscalls of the interceptor over a CRR pass of its own.
+/// The syscalls of the interceptor over a load's pass of its own.
 #[derive(Debug, Clone, Serialize)]
 pub struct Syscalls {
     /// How they were counted (the command, without the pid).
     pub tool: String,
+    /// What the load completed: connections (CRR), or requests (RR; then
+    /// `per_connection` is per request).
     pub connections: u64,
     pub duration_s: f64,
     pub syscalls: Option<u64>,

@@ -616,31 +616,35 @@ fn rr_table(
         "{} persistent connections, {} requests/s in all, 64-byte request and echo, {}. \
          Latency is measured from each request's scheduled send time, so a stall is \
          charged to every request it delays (corrected for coordinated omission); \
-         \"service p50\" is from the actual send, for reference.\n",
+         \"service p50\" is from the actual send, for reference. Proxy syscalls/req are \
+         counted as for CRR (below), over an RR pass of its own after the timed rounds \
+         ({}), per answered request: each request crosses the interceptor twice, once \
+         each way.\n",
         p.connections,
         p.rate,
-        rounds(run, p.duration)
+        rounds(run, p.duration),
+        secs(p.duration.min(crate::run::SYSCALL_PASS)),
     );
     let _ = writeln!(
         md,
-        "| scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 vs direct | p99 vs direct | p99.9 vs direct | service p50 µs | answered | errors | bypassed | others / steal |"
+        "| scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 vs direct | p99 vs direct | p99.9 vs direct | service p50 µs | proxy syscalls/req | answered | errors | bypassed | others / steal |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let d = direct.and_then(|s| s.loads.rr.as_ref()?.report.as_ref());
     for s in run.matrix() {
         let loaded = s.loads.rr.as_ref();
         let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
-            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 14));
+            md.push_str(&missing_row(s, loaded.and_then(|l| l.error.as_deref()), 15));
             continue;
         };
         let l = &r.latency;
         let dl = d.map(|d| d.latency);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
             name_cell(s),
             us(l.p50_us),
             us(l.p90_us),
@@ -651,6 +655,7 @@ fn rr_table(
             ratio(Some(l.p99_us), dl.map(|d| d.p99_us)),
             ratio(Some(l.p999_us), dl.map(|d| d.p999_us)),
             us(r.service.p50_us),
+            syscalls_cell(s.loads.rr_syscalls.as_ref()),
             r.completed,
             r.scheduled,
             errors(r.errors.total(), loaded),
@@ -662,6 +667,17 @@ fn rr_table(
         let _ = writeln!(md, "\n![RR latency by percentile]({rel}/{RR_PLOT})");
     }
     md.push('\n');
+}
+
+/// Syscalls per connection or request: — without an interceptor, n/a when
+/// they could not be counted (the table's note says why).
+fn syscalls_cell(counted: Option<&crate::perf::Syscalls>) -> String {
+    match counted {
+        None => "—".to_string(),
+        Some(c) => c
+            .per_connection
+            .map_or("n/a".into(), |per| format!("{per:.1}")),
+    }
 }
 
 fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
@@ -703,12 +719,7 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
         let over = cpu
             .zip(d.and_then(|d| d.machine_cpu_us_per_conn))
             .map(|(c, d)| c - d);
-        let syscalls = match &s.loads.crr_syscalls {
-            None => "—".to_string(),
-            Some(c) => c
-                .per_connection
-                .map_or("n/a".into(), |per| format!("{per:.1}")),
-        };
+        let syscalls = syscalls_cell(s.loads.crr_syscalls.as_ref());
         let _ = writeln!(
             md,
             "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {syscalls} | {} | {} | {} | {} | {} |",
@@ -745,7 +756,11 @@ fn crr_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
     let uncounted: Vec<String> = run
         .matrix()
         .filter_map(|s| {
-            let c = s.loads.crr_syscalls.as_ref()?;
+            let c = s
+                .loads
+                .crr_syscalls
+                .as_ref()
+                .or(s.loads.rr_syscalls.as_ref())?;
             let e = c.error.as_deref()?;
             Some(format!("{}: {}", s.name, e.lines().next().unwrap_or(e)))
         })

@@ -70,6 +70,8 @@ pub struct Loads {
     /// The interceptor's syscalls over a short CRR pass of their own, after
     /// the timed rounds: the counting is never beside a measured figure.
     pub crr_syscalls: Option<Syscalls>,
+    /// The same over an RR pass, per request.
+    pub rr_syscalls: Option<Syscalls>,
     pub exhaustion: Option<Loaded<exhaust::Report>>,
 }
 
@@ -405,40 +407,65 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
     results
 }
 
-/// After the CRR rounds, one short CRR pass per interceptor with perf
-/// counting its syscalls: apart, because the count's tracepoint costs the
-/// interceptor a little on every syscall, which the timed rounds must not pay.
+/// After the timed rounds, one short CRR pass and one RR pass per
+/// interceptor with perf counting its syscalls: apart, because the count's
+/// tracepoint costs the interceptor a little on every syscall, which the
+/// timed rounds must not pay.
 fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, profile: &Profile) {
-    let params = crr::Params {
+    let crr = crr::Params {
         clients: profile.crr.clients,
         duration: profile.crr.duration.min(SYSCALL_PASS),
     };
-    for live in lives.iter().filter(|l| !l.dead && l.runs(LoadKind::Crr)) {
-        let counted = match &tools.perf {
-            Some(perf) => live.crr_syscalls(perf, params),
-            None if live.proxy.is_some() => Some(Syscalls {
-                tool: "perf".into(),
-                connections: 0,
-                duration_s: 0.0,
-                syscalls: None,
-                per_connection: None,
-                error: Some("perf is not installed (make bench-deps installs linux-perf)".into()),
-            }),
-            None => None,
-        };
-        if let Some(c) = &counted {
-            let what = match (c.per_connection, &c.error) {
-                (Some(per), _) => format!(
-                    "{per:.1} interceptor syscalls per connection ({} over {} connections)",
-                    c.syscalls.unwrap_or(0),
-                    c.connections
-                ),
-                (None, Some(e)) => format!("not counted: {e}"),
-                (None, None) => "not counted: no connection completed".into(),
+    let rr = rr::Params {
+        duration: profile.rr.duration.min(SYSCALL_PASS),
+        ..profile.rr
+    };
+    for live in lives.iter().filter(|l| !l.dead) {
+        let count = |load: &str, unit: &str, pass: &dyn Fn(&Path) -> Option<Syscalls>| {
+            let counted = match &tools.perf {
+                Some(perf) => pass(perf),
+                None if live.proxy.is_some() => Some(Syscalls {
+                    tool: "perf".into(),
+                    connections: 0,
+                    duration_s: 0.0,
+                    syscalls: None,
+                    per_connection: None,
+                    error: Some(
+                        "perf is not installed (make bench-deps installs linux-perf)".into(),
+                    ),
+                }),
+                None => None,
             };
-            progress(&live.name, "crr syscalls", &what);
+            if let Some(c) = &counted {
+                let what = match (c.per_connection, &c.error) {
+                    (Some(per), _) => format!(
+                        "{per:.1} interceptor syscalls per {unit} ({} over {} {unit}s)",
+                        c.syscalls.unwrap_or(0),
+                        c.connections
+                    ),
+                    (None, Some(e)) => format!("not counted: {e}"),
+                    (None, None) => format!("not counted: no {unit} completed"),
+                };
+                progress(&live.name, &format!("{load} syscalls"), &what);
+            }
+            counted
+        };
+        if live.runs(LoadKind::Crr) {
+            results[live.index].loads.crr_syscalls = count("crr", "connection", &|perf| {
+                live.load_syscalls(perf, |l| {
+                    let r = crr::run(l.client(), l.target, crr)?;
+                    Ok((r.completed, r.elapsed_s))
+                })
+            });
         }
-        results[live.index].loads.crr_syscalls = counted;
+        if live.runs(LoadKind::Rr) {
+            results[live.index].loads.rr_syscalls = count("rr", "request", &|perf| {
+                live.load_syscalls(perf, |l| {
+                    let r = rr::run(l.client(), l.target, rr)?;
+                    Ok((r.completed, r.measured_s))
+                })
+            });
+        }
     }
 }
 
@@ -775,14 +802,16 @@ impl<'a> Live<'a> {
         })
     }
 
-    /// The interceptor's syscalls per connection over one CRR pass of
-    /// `params`, counted with perf; None without an interceptor.
-    fn crr_syscalls(&self, perf: &Path, params: crr::Params) -> Option<Syscalls> {
+    /// The interceptor's syscalls over one pass of `load`, which returns
+    /// what it completed and its duration, counted with perf; None without
+    /// an interceptor.
+    fn load_syscalls(
+        &self,
+        perf: &Path,
+        load: impl FnOnce(&Live) -> Result<(u64, f64)>,
+    ) -> Option<Syscalls> {
         let pid = self.proxy.as_ref().and_then(Proxy::pid)?;
-        Some(perf::count_syscalls(perf, pid, || {
-            let r = crr::run(self.client(), self.target, params)?;
-            Ok((r.completed, r.elapsed_s))
-        }))
+        Some(perf::count_syscalls(perf, pid, || load(self)))
     }
 
     fn bypass_note(&self, peers: Peers) -> String {
@@ -895,7 +924,10 @@ pub fn profile(
     let recorded = perf::record(perf, pid, data, || crr(&live))?;
     progress(&live.name, "profile", "perf stat");
     let syscalls = live
-        .crr_syscalls(perf, params)
+        .load_syscalls(perf, |l| {
+            let r = crr(l)?;
+            Ok((r.completed, r.elapsed_s))
+        })
         .context("the interceptor is gone")?;
     progress(&live.name, "profile", "strace -c -f");
     let traced = match strace {
