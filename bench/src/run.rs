@@ -358,8 +358,8 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             |l, label, x| l.say_crr(label, x),
             |loads, l| loads.crr = Some(l),
         );
-        syscall_pass(&lives, &mut results, tools, profile);
     }
+    syscall_pass(&lives, &mut results, tools, profile);
     if profile.runs(LoadKind::Exhaustion) {
         // Untimed (counts), so one pass, scenario by scenario.
         let exhaust =
@@ -450,7 +450,7 @@ fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, p
             }
             counted
         };
-        if live.runs(LoadKind::Crr) {
+        if profile.runs(LoadKind::Crr) && live.runs(LoadKind::Crr) {
             results[live.index].loads.crr_syscalls = count("crr", "connection", &|perf| {
                 live.load_syscalls(perf, |l| {
                     let r = crr::run(l.client(), l.target, crr)?;
@@ -458,7 +458,7 @@ fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, p
                 })
             });
         }
-        if live.runs(LoadKind::Rr) {
+        if profile.runs(LoadKind::Rr) && live.runs(LoadKind::Rr) {
             results[live.index].loads.rr_syscalls = count("rr", "request", &|perf| {
                 live.load_syscalls(perf, |l| {
                     let r = rr::run(l.client(), l.target, rr)?;
