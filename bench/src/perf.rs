@@ -22,9 +22,10 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
-/// perf and strace print nothing when they have attached; this is how long
-/// they are given before the load starts.
-const ATTACH: Duration = Duration::from_millis(300);
+/// perf and strace print nothing when they have attached, and a SIGINT
+/// before they have set up ends them without a word: the load starts once
+/// the kernel shows them attached, within this.
+const ATTACH_WITHIN: Duration = Duration::from_secs(10);
 /// perf writes its data and strace detaches within this of SIGINT.
 const STOP_WITHIN: Duration = Duration::from_secs(30);
 
@@ -51,8 +52,43 @@ struct Attached {
     line: String,
 }
 
+/// What shows that a tool has attached to its target.
+enum Attach {
+    /// perf holds perf_event descriptors.
+    PerfEvents,
+    /// Every thread of the target has a tracer.
+    Traced { target: u32 },
+}
+
+impl Attach {
+    fn done(&self, tool: u32) -> bool {
+        match self {
+            Attach::PerfEvents => std::fs::read_dir(format!("/proc/{tool}/fd"))
+                .map(|fds| {
+                    fds.flatten().any(|fd| {
+                        std::fs::read_link(fd.path())
+                            .is_ok_and(|target| target.to_string_lossy().contains("perf_event"))
+                    })
+                })
+                .unwrap_or(false),
+            Attach::Traced { target } => std::fs::read_dir(format!("/proc/{target}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|task| {
+                        std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+                            status
+                                .lines()
+                                .find_map(|l| l.strip_prefix("TracerPid:"))
+                                .is_some_and(|pid| pid.trim() != "0")
+                        })
+                    })
+                })
+                .unwrap_or(false),
+        }
+    }
+}
+
 impl Attached {
-    fn start(mut command: Command) -> Result<Attached> {
+    fn start(mut command: Command, attach: Attach) -> Result<Attached> {
         let line = format!("{command:?}");
         // This process blocks SIGINT in every thread for its signal thread
         // (main.rs), and a child inherits the mask: perf would never see
@@ -71,11 +107,19 @@ impl Attached {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {line}"))?;
-        std::thread::sleep(ATTACH);
-        Ok(Attached {
+        let tool = child.id();
+        let attached = Attached {
             child: Some(child),
             line,
-        })
+        };
+        let deadline = Instant::now() + ATTACH_WITHIN;
+        while !attach.done(tool) {
+            if Instant::now() > deadline {
+                bail!("{} did not attach within {ATTACH_WITHIN:?}", attached.line);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(attached)
     }
 
     /// Stops it and returns its stderr (where both tools write summaries;
@@ -137,7 +181,7 @@ pub fn count_syscalls(
         command
             .args(["stat", "-x", ",", "-e", SYSCALL_EVENT, "-p"])
             .arg(pid.to_string());
-        let attached = Attached::start(command)?;
+        let attached = Attached::start(command, Attach::PerfEvents)?;
         let (connections, duration_s) = load()?;
         counted.connections = connections;
         counted.duration_s = duration_s;
@@ -185,7 +229,7 @@ pub fn record<T>(
         .arg(data)
         .arg("-p")
         .arg(pid.to_string());
-    let attached = Attached::start(command)?;
+    let attached = Attached::start(command, Attach::PerfEvents)?;
     let result = load()?;
     let stderr = attached.stop()?;
     if !data.is_file() {
@@ -210,7 +254,7 @@ pub fn strace_counts<T>(
 ) -> Result<(T, Vec<Traced>)> {
     let mut command = Command::new(strace);
     command.args(["-c", "-f", "-p"]).arg(pid.to_string());
-    let attached = Attached::start(command)?;
+    let attached = Attached::start(command, Attach::Traced { target: pid })?;
     let result = load()?;
     let stderr = attached.stop()?;
     let mut calls = parse_strace_summary(&stderr);
