@@ -314,19 +314,9 @@ pub fn events_now(socket: &impl AsRawFd, events: i16) -> io::Result<i16> {
 /// waiting (`MSG_DONTWAIT`; `MSG_NOSIGNAL`: a peer gone is an error, not a
 /// SIGPIPE): `WouldBlock` when the buffer is full.
 pub fn send_now(socket: &impl AsRawFd, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `bytes` is readable memory of `bytes.len()` bytes.
-    let rc = unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc as usize)
+    with_sockref(socket, |s| {
+        s.send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    })
 }
 
 /// The most payload `socket`'s receive queue can hold: its receive buffer
@@ -340,21 +330,9 @@ pub fn receive_buffer(socket: &impl AsRawFd) -> io::Result<usize> {
 /// stream. For readers that wait for readiness first and so hold no read in
 /// the kernel while they wait.
 pub fn recv_now(socket: &impl AsRawFd, buffer: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buffer.spare_capacity_mut();
-    // SAFETY: `spare` is writable memory of `spare.len()` bytes that the
-    // kernel fills; only the bytes it reports are marked initialised.
-    let rc = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = rc as usize;
+    let n = with_sockref(socket, |s| {
+        s.recv_with_flags(buffer.spare_capacity_mut(), libc::MSG_DONTWAIT)
+    })?;
     // SAFETY: the kernel wrote `n` bytes right after the initialised part.
     unsafe { buffer.set_len(buffer.len() + n) };
     Ok(n)

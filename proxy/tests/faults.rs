@@ -39,21 +39,6 @@ fn read_until_end(stream: &mut TcpStream) -> Result<usize, ErrorKind> {
     }
 }
 
-/// Sends a line and reads the echo back: the connection is alive.
-fn echo_once(stream: &mut TcpStream, line: &[u8]) {
-    echo_once_checked(stream, line).expect("echo");
-}
-
-fn echo_once_checked(stream: &mut TcpStream, line: &[u8]) -> std::io::Result<()> {
-    stream.write_all(line)?;
-    let mut back = vec![0u8; line.len()];
-    stream.read_exact(&mut back)?;
-    if back != line {
-        return Err(std::io::Error::other(format!("echoed {back:?}")));
-    }
-    Ok(())
-}
-
 /// `sluice run` with no interception flag at all: every port (`*`). Inbound
 /// connections go through sluice; the workload's own outbound connections
 /// and connections inside the pod (127.0.0.1, the pod's own address) are

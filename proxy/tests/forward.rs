@@ -418,11 +418,8 @@ mod sockmap_specific {
         };
         for i in 0..20 {
             let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
-            let request = random_bytes(1000, i);
-            stream.write_all(&request).expect("request");
-            let mut reply = vec![0u8; request.len()];
-            stream.read_exact(&mut reply).expect("echo without a FIN");
-            assert!(reply == request, "echo differs");
+            // No FIN: the echo must come back while the client waits.
+            echo_once(&mut stream, &random_bytes(1000, i));
             // Six while open; the previous connection's may take a moment
             // to go (its worker thread can be descheduled right after the
             // FIN it passed on).
@@ -502,14 +499,8 @@ mod sockmap_specific {
     fn an_idle_connection_is_joined_once_older_than_sockmap_after() {
         let s = sockmap_after("sm-idle", "200ms", Behaviour::Echo);
         let mut stream = connect(&s.topology.client, pod_v4(PORT)).expect("connect");
-        let mut sent = Vec::new();
         for (len, seed) in [(1000, 1), (1 << 20, 2)] {
-            let request = random_bytes(len, seed);
-            stream.write_all(&request).expect("request");
-            let mut reply = vec![0u8; len];
-            stream.read_exact(&mut reply).expect("echo");
-            assert!(reply == request, "the {len}-byte echo differs");
-            sent.extend_from_slice(&request);
+            echo_once(&mut stream, &random_bytes(len, seed));
             // The first exchange is copied; the connection then waits and is
             // joined; the second goes through the kernel.
             wait_until("the connection is joined", || {

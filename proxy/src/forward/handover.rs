@@ -143,6 +143,8 @@ async fn pump(
     // have taken part of a segment, and the kernel's verdict path would
     // hand the program that segment whole, the part already copied again.
     let mut drained = true;
+    // The receive buffer's size, read once when first needed.
+    let mut queue_limit = None;
     loop {
         let ready = if drained {
             handover.waiting[side].set(true);
@@ -171,9 +173,10 @@ async fn pump(
         if !drained && Instant::now() >= handover.deadline {
             // Time to hand over, but the queue may hold more than the buffer:
             // one read as large as the queue can be empties it.
-            match linux::receive_buffer(from) {
-                Ok(queue) if queue >= buffer.capacity() => buffer = Vec::with_capacity(queue + 1),
-                _ => {}
+            let queue =
+                *queue_limit.get_or_insert_with(|| linux::receive_buffer(from).unwrap_or(0));
+            if queue >= buffer.capacity() {
+                buffer = Vec::with_capacity(queue + 1);
             }
         }
         buffer.clear();

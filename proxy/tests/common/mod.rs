@@ -441,6 +441,25 @@ pub fn connect(client: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Sends a line and reads the echo back: the connection is alive.
+pub fn echo_once(stream: &mut TcpStream, line: &[u8]) {
+    echo_once_checked(stream, line).expect("echo");
+}
+
+pub fn echo_once_checked(stream: &mut TcpStream, line: &[u8]) -> std::io::Result<()> {
+    stream.write_all(line)?;
+    let mut back = vec![0u8; line.len()];
+    stream.read_exact(&mut back)?;
+    if back != line {
+        return Err(std::io::Error::other(if back.len() <= 64 {
+            format!("echoed {back:?}")
+        } else {
+            format!("the {}-byte echo differs", back.len())
+        }));
+    }
+    Ok(())
+}
+
 /// Sends `payload`, half-closes, and returns everything received until the
 /// peer closed.
 pub fn exchange(mut stream: TcpStream, payload: Vec<u8>) -> Vec<u8> {
