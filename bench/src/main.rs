@@ -431,6 +431,9 @@ fn profile(args: ProfileArgs) -> Result<bool> {
         .find(|s| !s.is_direct())
         .context("direct has no interceptor to profile")?;
     let mut load = Profile::new(ProfileName::Default);
+    // CRR alone: HAProxy's maxconn (and its descriptors) sized for it, not
+    // for the concurrency load's ten thousand.
+    load.loads = vec![LoadKind::Crr];
     load.crr.clients = args.clients.max(1);
     load.crr.duration = Duration::try_from_secs_f64(args.seconds).context("--seconds")?;
     raise_fd_limit(load.crr.clients)?;

@@ -208,16 +208,22 @@ impl Profile {
         self.loads.contains(&load)
     }
 
-    /// The most connections any load holds at once (RLIMIT_NOFILE, HAProxy's
-    /// maxconn).
+    /// The most connections any load of this run holds at once
+    /// (RLIMIT_NOFILE, HAProxy's maxconn).
     pub fn max_connections(&self) -> usize {
         let bulk = self.bulk.iter().map(|b| b.streams).max().unwrap_or(0);
-        self.hold
-            .connections
-            .max(self.exhaustion.connections)
-            .max(self.rr.connections)
-            .max(self.crr.clients)
-            .max(bulk)
+        [
+            (LoadKind::Concurrency, self.hold.connections),
+            (LoadKind::Exhaustion, self.exhaustion.connections),
+            (LoadKind::Rr, self.rr.connections),
+            (LoadKind::Crr, self.crr.clients),
+            (LoadKind::Bulk, bulk),
+        ]
+        .into_iter()
+        .filter(|(load, _)| self.runs(*load))
+        .map(|(_, connections)| connections)
+        .max()
+        .unwrap_or(0)
     }
 }
 

@@ -551,6 +551,130 @@ mod sockmap_specific {
         assert_joined_and_fallbacks(&s.topology.client, (1.0, 0.0));
     }
 
+    /// A workload that stops reading holds the client back, as TCP would
+    /// without sluice: the kernel queues no more than a few buffers' worth,
+    /// and every byte arrives in order once the workload reads again, the
+    /// redirect resumed.
+    #[test]
+    fn a_stalled_workload_holds_the_client_back() {
+        held_back_then_delivered("sm-stall", false);
+    }
+
+    /// The same, with the client's FIN while its bytes are held back: it
+    /// reaches the workload after every byte (copied: the kernel does not
+    /// join a socket past its FIN).
+    #[test]
+    fn a_fin_while_held_back_comes_after_every_byte() {
+        held_back_then_delivered("sm-stallfin", true);
+    }
+
+    /// The client writes until the stalled workload's connection takes no
+    /// more for a second; asserts that was far less than it would have
+    /// written; lets the workload read; then (unless `fin_while_held`)
+    /// writes as much again while the workload reads, and half-closes. The
+    /// workload checks every byte and the FIN.
+    fn held_back_then_delivered(purpose: &str, fin_while_held: bool) {
+        /// With no bound the client writes all of it; held back, it writes
+        /// its and the workload's socket buffers, sluice's receive buffer
+        /// and what sluice lets wait for the workload: tens of MiB.
+        const OFFERED: usize = 512 << 20;
+        const HELD_BACK_BELOW: usize = 96 << 20;
+        let pattern = |offset: usize| (offset % 251) as u8;
+        let topology = ClientPod::new(purpose).expect("topology");
+        let listener = topology
+            .pod
+            .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
+        let sluice = Sluice::run(
+            &topology.pod,
+            &[
+                "--forward",
+                "sockmap",
+                "--ports",
+                "9080",
+                "--install-rules",
+                "--log-level",
+                "debug",
+            ],
+        );
+        let (go, read_now) = std::sync::mpsc::channel::<()>();
+        let workload = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("workload accept");
+            read_now.recv().expect("told to read");
+            stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+            let mut received = 0usize;
+            let mut chunk = vec![0u8; 1 << 20];
+            loop {
+                let n = stream.read(&mut chunk).expect("workload read");
+                if n == 0 {
+                    break;
+                }
+                if let Some(i) = (0..n).find(|&i| chunk[i] != pattern(received + i)) {
+                    panic!("byte {} differs", received + i);
+                }
+                received += n;
+            }
+            stream.write_all(TRAILER).expect("trailer");
+            received
+        });
+        let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+        // Idle past --sockmap-after (the default): joined.
+        wait_until("the connection is joined", || {
+            sockmap_entries(sluice.pid()) == 6
+        });
+        stream
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let chunk: Vec<u8> = (0..(1 << 20)).map(pattern).collect();
+        let mut sent = 0usize;
+        let write = |stream: &mut std::net::TcpStream, sent: &mut usize, up_to: usize| -> bool {
+            while *sent < up_to {
+                let start = *sent % 251;
+                let len = (up_to - *sent).min(chunk.len() - start);
+                match stream.write(&chunk[start..start + len]) {
+                    Ok(n) => *sent += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return false
+                    }
+                    Err(e) => panic!("client write after {sent} bytes: {e}\n{}", sluice.log()),
+                }
+            }
+            true
+        };
+        let all_taken = write(&mut stream, &mut sent, OFFERED);
+        let held = sent;
+        assert!(
+            !all_taken && held < HELD_BACK_BELOW,
+            "the client wrote {held} bytes to a workload that reads nothing\n{}",
+            sluice.log()
+        );
+        if fin_while_held {
+            stream.shutdown(Shutdown::Write).expect("half-close");
+            go.send(()).expect("workload");
+        } else {
+            go.send(()).expect("workload");
+            stream.set_write_timeout(Some(PATIENCE)).expect("timeout");
+            assert!(
+                write(&mut stream, &mut sent, held + (64 << 20)),
+                "the client could not write again"
+            );
+            stream.shutdown(Shutdown::Write).expect("half-close");
+        }
+        let received = workload.join().expect("workload");
+        assert_eq!(received, sent, "bytes the workload read");
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).expect("trailer");
+        assert_eq!(rest, TRAILER);
+        let log = sluice.stop();
+        assert!(log.contains("pausing the redirect"), "never paused:\n{log}");
+        assert!(!log.contains("with copy"), "fell back to copy:\n{log}");
+    }
+
     /// Without CAP_BPF and CAP_SYS_ADMIN sluice says once that sockmap is
     /// not available, forwards with copy, and the bytes are exact.
     #[test]

@@ -33,7 +33,7 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Forwarded {
     }
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream, teardown: &Teardown) -> Direction {
+pub(super) async fn pump(from: &TcpStream, to: &TcpStream, teardown: &Teardown) -> Direction {
     let mut buffer = Vec::with_capacity(INITIAL_BUFFER);
     let mut bytes = 0u64;
     loop {

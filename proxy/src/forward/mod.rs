@@ -100,6 +100,15 @@ impl Forwarding {
         }
     }
 
+    /// What a data-path thread needs before its first connection; runs on
+    /// that thread's runtime.
+    pub fn start_worker(&self) -> io::Result<()> {
+        match self {
+            Forwarding::Sockmap { engine, .. } => sockmap::start_worker(engine),
+            Forwarding::Copy | Forwarding::Splice => Ok(()),
+        }
+    }
+
     /// The forwarder in use (copy after a sockmap fallback).
     pub fn forwarder(&self) -> Forwarder {
         match self {

@@ -50,23 +50,43 @@
 //!    leaves after them.
 //!
 //! A reset or error on either socket resets both, as the other forwarders do.
+//!
+//! ## A slow peer
+//!
+//! The kernel puts no bound on the bytes a psock queues for a peer whose
+//! send buffer is full: redirected skbs leave the source's receive queue at
+//! once, so TCP keeps the client's window open while the workload reads
+//! nothing (gigabytes in seconds, measured). So the program tells the
+//! connection's worker, through that worker's ring buffer in `sl_events`,
+//! each time a socket has redirected another 2 MiB. The direction then
+//! compares what it redirected with what the peer took; above [`PAUSE_ABOVE`]
+//! it takes its socket out of `sl_socks` (it stays a target for the other
+//! direction). Its bytes then wait in its own receive queue, whose window
+//! holds the client back, as with any other forwarder. Once the peer has
+//! caught up to [`RESUME_AT`], the socket goes back in and `SO_RCVLOWAT`
+//! runs the program over what waited, behind everything redirected before.
+//! A FIN that comes while paused is passed on after the rest is copied,
+//! since the kernel joins only established sockets.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, PrintLevel};
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType, PrintLevel, RingBuffer};
+use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::{Direction, End, Forwarded, Sockmap};
+use super::{copy, Direction, End, Forwarded, Sockmap, Teardown};
 use crate::linux;
 use crate::uring;
 
@@ -78,9 +98,24 @@ mod skel {
 /// The maps' names in the kernel (how the tests find and count them).
 pub const MAP_NAMES: [&str; 3] = ["sl_socks", "sl_targets", "sl_peers"];
 
-/// `struct peer` in the program: the peer's cookie, bytes redirected to it.
-const PEER_SIZE: usize = 16;
+/// `struct peer` in the program: the peer's cookie, bytes redirected to it,
+/// the worker to tell.
+const PEER_SIZE: usize = 24;
 const _: () = assert!(size_of::<skel::types::peer>() == PEER_SIZE);
+
+/// `MAX_WORKERS` in the program: entries of `sl_events`.
+const MAX_WORKERS: u32 = 1024;
+
+/// Each worker's ring buffer: 16-byte records (a cookie and its header), and
+/// the worker empties it whenever it is woken.
+const EVENTS_BYTES: u32 = 64 * 1024;
+
+/// Bytes redirected and not yet taken by the peer above which a direction
+/// stops redirecting, and the figure it waits for before it starts again.
+/// Twice the largest send buffer TCP grows to by default (tcp_wmem), so
+/// that a peer which keeps up is never paused.
+const PAUSE_ABOVE: u64 = 8 << 20;
+const RESUME_AT: u64 = 2 << 20;
 
 /// Longest pause between two looks at whether the peer has taken every
 /// redirected byte.
@@ -119,6 +154,10 @@ pub struct SockmapEngine {
     socks: MapHandle,
     targets: MapHandle,
     peers: MapHandle,
+    events: MapHandle,
+    /// Entries of `events` handed out, one per worker that joined a
+    /// connection.
+    workers: AtomicU32,
 }
 
 impl fmt::Debug for SockmapEngine {
@@ -152,6 +191,8 @@ impl SockmapEngine {
             socks: dup(&loaded.maps.sl_socks)?,
             targets: dup(&loaded.maps.sl_targets)?,
             peers: dup(&loaded.maps.sl_peers)?,
+            events: dup(&loaded.maps.sl_events)?,
+            workers: AtomicU32::new(0),
         };
         // The map keeps the program once attached; the skeleton (and its
         // descriptors) can go at the end of this function.
@@ -197,6 +238,109 @@ fn libbpf_log(level: PrintLevel, message: String) {
         PrintLevel::Info => tracing::debug!(target: "libbpf", "{message}"),
         PrintLevel::Debug => tracing::trace!(target: "libbpf", "{message}"),
     }
+}
+
+/// This worker's end of `sl_events`: the ring buffer the program writes to
+/// for the connections this worker joined, and the directions waiting to
+/// hear of their source socket.
+struct Events {
+    index: u32,
+    ring: RingBuffer<'static>,
+    /// The ring's map: polled for readiness; also keeps it alive.
+    map: MapHandle,
+    waiting: Rc<RefCell<HashMap<u64, Rc<Notify>>>>,
+}
+
+thread_local! {
+    static EVENTS: RefCell<Option<Rc<Events>>> = const { RefCell::new(None) };
+}
+
+impl Events {
+    /// This worker's, made when it starts: its ring buffer, its entry in
+    /// `sl_events`, and a task on its runtime that wakes the directions the
+    /// program names.
+    fn of_this_worker(engine: &SockmapEngine) -> io::Result<Rc<Events>> {
+        if let Some(events) = EVENTS.with(|events| events.borrow().clone()) {
+            return Ok(events);
+        }
+        let index = engine.workers.fetch_add(1, Ordering::Relaxed);
+        if index >= MAX_WORKERS {
+            return Err(io::Error::other(format!(
+                "sockmap: more than {MAX_WORKERS} workers"
+            )));
+        }
+        let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+            sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        let map = MapHandle::create(
+            MapType::RingBuf,
+            Some("sl_worker_ring"),
+            0,
+            0,
+            EVENTS_BYTES,
+            &opts,
+        )
+        .map_err(io::Error::other)?;
+        let fd = u32::try_from(map.as_fd().as_raw_fd()).unwrap_or(u32::MAX);
+        engine
+            .events
+            .update(&index.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(io::Error::other)?;
+        let waiting: Rc<RefCell<HashMap<u64, Rc<Notify>>>> = Rc::default();
+        let wake = waiting.clone();
+        let mut builder = libbpf_rs::RingBufferBuilder::new();
+        builder
+            .add(&map, move |record: &[u8]| {
+                let cookie = record
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_ne_bytes);
+                if let Some(notify) = cookie.and_then(|c| wake.borrow().get(&c).cloned()) {
+                    notify.notify_one();
+                }
+                0
+            })
+            .map_err(io::Error::other)?;
+        let ring = builder.build().map_err(io::Error::other)?;
+        let events = Rc::new(Events {
+            index,
+            ring,
+            map,
+            waiting,
+        });
+        EVENTS.with(|slot| *slot.borrow_mut() = Some(events.clone()));
+        tokio_uring::spawn(events.clone().deliver());
+        Ok(events)
+    }
+
+    /// Runs as long as the worker: wakes the directions named in the ring.
+    async fn deliver(self: Rc<Self>) {
+        loop {
+            if let Err(error) = uring::poll(self.map.as_fd().as_raw_fd(), libc::POLLIN as u32).await
+            {
+                warn!(%error, "sockmap: the worker's event ring cannot be watched; slow peers are no longer paused");
+                return;
+            }
+            let _ = self.ring.consume();
+        }
+    }
+
+    fn watch(&self, cookie: u64) -> Rc<Notify> {
+        let notify = Rc::new(Notify::new());
+        self.waiting.borrow_mut().insert(cookie, notify.clone());
+        notify
+    }
+
+    fn unwatch(&self, cookie: u64) {
+        self.waiting.borrow_mut().remove(&cookie);
+    }
+}
+
+/// Sets up this worker's ring buffer and the task that reads it; a worker
+/// calls it on its runtime before its first connection.
+pub fn start_worker(engine: &SockmapEngine) -> io::Result<()> {
+    Events::of_this_worker(engine).map(drop)
 }
 
 /// How [`forward`] ended.
@@ -265,6 +409,9 @@ struct Joined<'a> {
     written_before: [u64; 2],
     /// What each socket had received and copy forwarded before.
     copied: [u64; 2],
+    events: Rc<Events>,
+    /// Per socket: the program has redirected another step of its bytes.
+    stepped: [Rc<Notify>; 2],
 }
 
 impl<'a> Joined<'a> {
@@ -282,6 +429,7 @@ impl<'a> Joined<'a> {
             written(sockets[CLIENT]).map_err(before)?,
             written(sockets[UPSTREAM]).map_err(before)?,
         ];
+        let events = Events::of_this_worker(engine).map_err(before)?;
         // From here on, Drop removes whatever was inserted.
         let joined = Joined {
             engine,
@@ -289,12 +437,15 @@ impl<'a> Joined<'a> {
             cookies,
             written_before,
             copied,
+            stepped: cookies.map(|cookie| events.watch(cookie)),
+            events,
         };
         for side in [CLIENT, UPSTREAM] {
             let fd = socket_fd(sockets[side]);
             update(&engine.targets, cookies[side], &fd).map_err(before)?;
             let mut peer = [0u8; PEER_SIZE];
             peer[..8].copy_from_slice(&cookies[1 - side].to_ne_bytes());
+            peer[16..20].copy_from_slice(&joined.events.index.to_ne_bytes());
             update(&engine.peers, cookies[side], &peer).map_err(before)?;
         }
         // The client's bytes are redirected from this insert on.
@@ -347,13 +498,23 @@ impl<'a> Joined<'a> {
     async fn direction(&self, side: usize, failed: &Cell<bool>) -> Direction {
         let (from, to) = (self.sockets[side], self.sockets[1 - side]);
         let watched = (libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32;
+        // Only POLLRDHUP is asked for (POLLERR and POLLHUP always come):
+        // POLLIN can flicker while the program consumes bytes. The poll
+        // stays armed while the direction looks at its peer's progress.
+        let rdhup = || uring::poll(from.as_raw_fd(), libc::POLLRDHUP as u32);
+        let mut ended = std::pin::pin!(rdhup());
         let events = loop {
-            // Only POLLRDHUP is asked for (POLLERR and POLLHUP always come):
-            // POLLIN can flicker while the program consumes bytes.
-            match uring::poll(from.as_raw_fd(), libc::POLLRDHUP as u32).await {
-                Ok(events) if events & watched != 0 => break events,
-                Ok(_) => continue,
-                Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
+            tokio::select! {
+                polled = ended.as_mut() => match polled {
+                    Ok(events) if events & watched != 0 => break events,
+                    Ok(_) => ended.set(rdhup()),
+                    Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
+                },
+                () = self.stepped[side].notified() => {
+                    if let Some(direction) = self.keep_up(side, failed).await {
+                        return direction;
+                    }
+                }
             }
         };
         if failed.get() {
@@ -400,6 +561,132 @@ impl<'a> Joined<'a> {
         // A failure means `to` is gone, which the other direction reports.
         let _ = to.shutdown(Shutdown::Write);
         self.ended(side, End::Eof)
+    }
+
+    /// Bytes redirected from socket `side` that its peer has not taken yet.
+    fn backlog(&self, side: usize) -> io::Result<u64> {
+        let redirected = self.redirected(side)?;
+        let taken = written(self.sockets[1 - side])?.saturating_sub(self.written_before[1 - side]);
+        Ok(redirected.saturating_sub(taken))
+    }
+
+    /// The program redirected another step of socket `side`'s bytes: if
+    /// its peer is that far behind, stops redirecting until it catches up
+    /// (see the module's notes). Some when the direction ended meanwhile.
+    async fn keep_up(&self, side: usize, failed: &Cell<bool>) -> Option<Direction> {
+        let from = self.sockets[side];
+        match self.backlog(side) {
+            Ok(backlog) if backlog <= PAUSE_ABOVE => return None,
+            Ok(backlog) => debug!(backlog, "sockmap: the peer is behind; pausing the redirect"),
+            Err(error) => return Some(self.fail(side, failed, End::ReadFailed(error))),
+        }
+        // The kernel drops what a program run under way has not reached
+        // when the program goes (tcp_read_skb takes skbs off the queue, and
+        // without a program the verdict is "drop"). So first no run may
+        // start: with SO_RCVLOWAT at its cap TCP calls the data-ready
+        // callback only once that much has come, and setting it takes the
+        // socket's lock, which waits out a run under way. A loss would still
+        // be caught by the count at the end and reset the connection.
+        if let Err(error) = linux::set_rcvlowat(from, i32::MAX) {
+            return Some(self.fail(side, failed, End::ReadFailed(error)));
+        }
+        let key = self.cookies[side].to_ne_bytes();
+        if let Err(error) = self.engine.socks.delete(&key) {
+            return Some(self.fail(side, failed, End::ReadFailed(io::Error::other(error))));
+        }
+        let mut backoff = Duration::from_micros(250);
+        loop {
+            if failed.get() {
+                return Some(self.ended(side, End::Eof));
+            }
+            let events = match linux::events_now(from, libc::POLLRDHUP) {
+                Ok(events) => events,
+                Err(error) => return Some(self.fail(side, failed, End::ReadFailed(error))),
+            };
+            if events & (libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) != 0 {
+                return Some(self.copy_rest(side, failed).await);
+            }
+            match self.backlog(side) {
+                Ok(backlog) if backlog <= RESUME_AT => break,
+                Ok(_) => {}
+                Err(error) => return Some(self.fail(side, failed, End::WriteFailed(error))),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        match update(&self.engine.socks, self.cookies[side], &socket_fd(from)) {
+            // What waited in the receive queue goes through the program now,
+            // not at the next segment, which may never come.
+            Ok(()) => match linux::set_rcvlowat(from, 1) {
+                Ok(()) => None,
+                Err(error) => Some(self.fail(side, failed, End::ReadFailed(error))),
+            },
+            // The FIN came in the meantime: the kernel joins only
+            // established sockets.
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Some(self.copy_rest(side, failed).await)
+            }
+            Err(error) => Some(self.fail(side, failed, End::ReadFailed(error))),
+        }
+    }
+
+    /// Ends a paused direction by copy: once the peer has taken every
+    /// redirected byte, what waits in the receive queue and what follows,
+    /// up to the FIN, goes through user space.
+    async fn copy_rest(&self, side: usize, failed: &Cell<bool>) -> Direction {
+        let (from, to) = (self.sockets[side], self.sockets[1 - side]);
+        // Out of sl_socks already; TCP_INFO takes the socket lock, so a
+        // program run under way has ended and the count is final.
+        if let Err(error) = linux::tcp_counters(from) {
+            return self.fail(side, failed, End::ReadFailed(error));
+        }
+        let redirected = match self.redirected(side) {
+            Ok(bytes) => bytes,
+            Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
+        };
+        let target = self.written_before[1 - side] + redirected;
+        if let Err(error) = self.taken(1 - side, target, failed).await {
+            return self.fail(side, failed, End::WriteFailed(error));
+        }
+        if failed.get() {
+            return self.ended(side, End::Eof);
+        }
+        // Reads wait for SO_RCVLOWAT bytes: back to one.
+        if let Err(error) = linux::set_rcvlowat(from, 1) {
+            return self.fail(side, failed, End::ReadFailed(error));
+        }
+        // The FIN is passed on below, after the count.
+        let teardown = Teardown::default();
+        teardown.one_fin_passed.set(true);
+        let rest = copy::pump(from, to, &teardown).await;
+        if !matches!(rest.end, End::Eof) {
+            // copy reset the sockets; the other direction must hear why.
+            failed.set(true);
+            for socket in self.sockets {
+                super::abort(socket);
+            }
+            return Direction {
+                bytes: self.copied[side] + redirected + rest.bytes,
+                end: rest.end,
+            };
+        }
+        let forwarded = self.copied[side] + redirected + rest.bytes;
+        match linux::tcp_counters(from) {
+            Ok(counters) if counters.bytes_received == forwarded + 1 => {}
+            Ok(counters) => {
+                let error = io::Error::other(format!(
+                    "sockmap: {} bytes received before the FIN but {forwarded} forwarded",
+                    counters.bytes_received.saturating_sub(1)
+                ));
+                return self.fail(side, failed, End::ReadFailed(error));
+            }
+            Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
+        }
+        let _ = to.shutdown(Shutdown::Write);
+        Direction {
+            bytes: forwarded,
+            end: End::Eof,
+        }
     }
 
     /// Waits until socket `side` has taken `target` bytes (acked + queued)
@@ -461,6 +748,9 @@ impl<'a> Joined<'a> {
 
 impl Drop for Joined<'_> {
     fn drop(&mut self) {
+        for cookie in self.cookies {
+            self.events.unwatch(cookie);
+        }
         // The kernel takes a closing socket out of its sockmaps by itself;
         // doing it here also covers sockets that live on (a connection handed
         // to another forwarder) and the peer map, a plain hash. ENOENT (never

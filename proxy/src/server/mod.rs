@@ -63,6 +63,8 @@ pub enum Error {
     Worker(#[source] io::Error),
     #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
     IoUring(#[source] io::Error),
+    #[error("a worker cannot set up the forwarder's per-thread state (for sockmap: its ring buffer of events)")]
+    ForwarderWorker(#[source] io::Error),
     #[error("cannot wait for SIGINT/SIGTERM")]
     Signals(#[source] io::Error),
     #[error(
@@ -196,7 +198,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     for _ in 0..options.workers {
         match started_rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(Error::IoUring(error)),
+            Ok(Err(error)) => return Err(error),
             Err(_) => return Err(Error::WorkerDied("died at start")),
         }
     }

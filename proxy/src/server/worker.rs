@@ -8,7 +8,6 @@
 //! per connection.
 
 use std::cell::{Cell, RefCell};
-use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
@@ -141,7 +140,7 @@ impl Worker {
         self,
         listeners: Vec<std::net::TcpListener>,
         phase: watch::Receiver<Phase>,
-        started: mpsc::Sender<io::Result<()>>,
+        started: mpsc::Sender<Result<(), super::Error>>,
     ) {
         // One thread submits to each ring, and nothing needs its completions
         // the instant they come: no interrupt to other cores per completion.
@@ -152,13 +151,17 @@ impl Worker {
         ) {
             Ok(runtime) => runtime,
             Err(error) => {
-                let _ = started.send(Err(error));
+                let _ = started.send(Err(super::Error::IoUring(error)));
                 return;
             }
         };
         let worker = Rc::new(self);
         CURRENT.with(|current| *current.borrow_mut() = Rc::downgrade(&worker));
         runtime.block_on(async move {
+            if let Err(error) = worker.settings.forwarding.start_worker() {
+                let _ = started.send(Err(super::Error::ForwarderWorker(error)));
+                return;
+            }
             let mut tasks = Vec::new();
             for listener in listeners {
                 let listener = TcpListener::from_std(listener);
