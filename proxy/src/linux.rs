@@ -281,6 +281,18 @@ pub fn tcp_counters(socket: &impl AsRawFd) -> io::Result<TcpCounters> {
     })
 }
 
+/// `SO_SNDBUFFORCE`: a send buffer of `bytes` (the kernel doubles it for
+/// its bookkeeping, as for `SO_SNDBUF`), above `net.core.wmem_max`; needs
+/// CAP_NET_ADMIN. Ends TCP's own sizing of it.
+pub fn force_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    nix::sys::socket::setsockopt(
+        &borrow(socket),
+        nix::sys::socket::sockopt::SndBufForce,
+        &bytes,
+    )
+    .map_err(io::Error::from)
+}
+
 /// `SIOCOUTQ`: bytes in the send queue, sent but not acknowledged or not
 /// sent yet (write_seq - snd_una).
 pub fn send_queue_bytes(socket: &impl AsRawFd) -> io::Result<u32> {

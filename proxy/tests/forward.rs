@@ -670,8 +670,12 @@ mod sockmap_specific {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).expect("trailer");
         assert_eq!(rest, TRAILER);
+        drop(stream);
+        wait_until("the connection is counted as held back", || {
+            let (status, metrics) = get(&topology.client, pod_v4(METRICS), "/metrics");
+            status == 200 && sample(&metrics, "sluice_sockmap_held_back_total") >= 1.0
+        });
         let log = sluice.stop();
-        assert!(log.contains("pausing the redirect"), "never paused:\n{log}");
         assert!(!log.contains("with copy"), "fell back to copy:\n{log}");
     }
 

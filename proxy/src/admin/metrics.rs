@@ -130,6 +130,12 @@ impl Collector for Workers {
             "Connections the sockmap forwarder joined in the kernel (the others ended on copy before --sockmap-after).",
             total(|s| &s.sockmap_joined),
         )?;
+        counter(
+            &mut encoder,
+            "sluice_sockmap_held_back",
+            "Times a joined connection's direction stopped redirecting because its reader was 8 MiB behind (a slow workload or client); its bytes waited in TCP's window until the reader caught up. Counted when the connection ends.",
+            total(|s| &s.sockmap_held_back),
+        )?;
         histogram(
             &mut encoder,
             "sluice_upstream_connect_duration",

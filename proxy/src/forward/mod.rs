@@ -56,8 +56,9 @@ pub enum Sockmap {
     /// before `--sockmap-after`.
     #[default]
     NotJoined,
-    /// Joined in the kernel.
-    Joined,
+    /// Joined in the kernel; `held_back`: times a direction stopped
+    /// redirecting until its peer caught up (a slow reader).
+    Joined { held_back: u32 },
     /// The kernel would not join it; copy forwarded it.
     FellBack,
 }

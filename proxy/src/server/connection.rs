@@ -70,7 +70,10 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
     stats::add(&stats.bytes_to_client, forwarded.downstream.bytes);
     match forwarded.sockmap {
         Sockmap::NotJoined => {}
-        Sockmap::Joined => stats::add(&stats.sockmap_joined, 1),
+        Sockmap::Joined { held_back } => {
+            stats::add(&stats.sockmap_joined, 1);
+            stats::add(&stats.sockmap_held_back, u64::from(held_back));
+        }
         Sockmap::FellBack => stats::add(&stats.forwarder_fallbacks, 1),
     }
     for (side, direction) in [

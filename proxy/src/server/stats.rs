@@ -115,6 +115,8 @@ pub struct WorkerStats {
     pub forwarder_fallbacks: AtomicU64,
     /// Connections the sockmap forwarder joined in the kernel.
     pub sockmap_joined: AtomicU64,
+    /// Times a joined direction stopped redirecting until its peer caught up.
+    pub sockmap_held_back: AtomicU64,
     /// From the start of the upstream connect to its success.
     pub connect_duration: Histogram<ConnectBuckets>,
     /// From the successful upstream connect to the end of forwarding.
