@@ -135,6 +135,8 @@ const FIRST_LOOK: Duration = Duration::from_millis(1);
 /// Longest wait between two looks while the peer takes bytes: one clock
 /// tick at HZ=250, the kernel's retry period for a full send buffer.
 const MAX_LOOK: Duration = Duration::from_millis(4);
+/// Longest wait between two looks at a peer that took nothing meanwhile.
+const MAX_STILL_LOOK: Duration = Duration::from_secs(1);
 
 /// Longest pause between two looks at whether the peer has taken every
 /// redirected byte.
@@ -639,6 +641,7 @@ impl<'a> Joined<'a> {
         }
         let paused_at = Instant::now();
         let mut taken_at_pause = None;
+        let mut taken_before = None;
         let mut still = FIRST_LOOK;
         loop {
             if failed.get() {
@@ -660,17 +663,22 @@ impl<'a> Joined<'a> {
             // the pause, it should be down to RESUME_AT: resumed late, the
             // stream stands still. The kernel feeds the peer in bursts (it
             // retries a full send buffer a clock tick later), so the pace
-            // is taken over the whole pause, and a peer that took nothing
-            // yet is looked at again soon, then less and less often (a
-            // stalled workload).
+            // is taken over the whole pause. A peer that took nothing since
+            // the last look is looked at again soon, then less and less
+            // often: a stalled workload costs a look a second, not
+            // hundreds.
             let taken_at_pause = *taken_at_pause.get_or_insert(taken);
-            let wait = if taken > taken_at_pause {
+            let moved = taken_before.is_some_and(|before| taken > before);
+            taken_before = Some(taken);
+            let wait = if moved {
+                still = FIRST_LOOK;
                 let per_second =
                     (taken - taken_at_pause) as f64 / paused_at.elapsed().as_secs_f64();
                 Duration::from_secs_f64((backlog - RESUME_AT) as f64 / per_second).min(MAX_LOOK)
             } else {
-                still = (still * 2).min(MAX_BACKOFF);
-                still / 2
+                let wait = still;
+                still = (still * 2).min(MAX_STILL_LOOK);
+                wait
             };
             tokio::time::sleep(wait.max(MIN_LOOK)).await;
         }
