@@ -679,6 +679,80 @@ mod sockmap_specific {
         assert!(!log.contains("with copy"), "fell back to copy:\n{log}");
     }
 
+    /// Streams faster than their workload, at once: each is held back and
+    /// let go again hundreds of times, and every byte arrives, in order,
+    /// before the FIN.
+    #[test]
+    fn many_hold_backs_lose_nothing() {
+        const STREAMS: usize = 4;
+        const WRITING: Duration = Duration::from_secs(2);
+        let pattern = |offset: u64| (offset % 251) as u8;
+        let topology = ClientPod::new("sm-many").expect("topology");
+        let listener = topology
+            .pod
+            .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
+        let sluice = Sluice::run(
+            &topology.pod,
+            &["--forward", "sockmap", "--ports", "9080", "--install-rules"],
+        );
+        // The workload checks every byte and answers with its count.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut chunk = vec![0u8; 1 << 20];
+                    let mut received = 0u64;
+                    loop {
+                        let n = match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if (0..n).any(|i| chunk[i] != pattern(received + i as u64)) {
+                            return; // no count: the client sees the difference
+                        }
+                        received += n as u64;
+                    }
+                    let _ = stream.write_all(&received.to_be_bytes());
+                });
+            }
+        });
+        let chunk: Vec<u8> = (0..(128 << 10) + 251).map(pattern).collect();
+        let clients: Vec<_> = (0..STREAMS)
+            .map(|_| {
+                let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+                let chunk = chunk.clone();
+                std::thread::spawn(move || {
+                    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+                    let start = Instant::now();
+                    let mut sent = 0u64;
+                    while start.elapsed() < WRITING {
+                        let at = (sent % 251) as usize;
+                        stream
+                            .write_all(&chunk[at..at + (128 << 10)])
+                            .map_err(|e| format!("write: {e}"))?;
+                        sent += 128 << 10;
+                    }
+                    stream.shutdown(Shutdown::Write).expect("half-close");
+                    let mut count = [0u8; 8];
+                    stream
+                        .read_exact(&mut count)
+                        .map_err(|e| format!("the workload's count: {e}"))?;
+                    Ok::<_, String>((sent, u64::from_be_bytes(count)))
+                })
+            })
+            .collect();
+        for client in clients {
+            match client.join().expect("client") {
+                Ok((sent, counted)) => assert_eq!(counted, sent, "bytes the workload counted"),
+                Err(error) => panic!("{error}\n{}", sluice.log()),
+            }
+        }
+        wait_until("the connections are counted as held back", || {
+            let (status, metrics) = get(&topology.client, pod_v4(METRICS), "/metrics");
+            status == 200 && sample(&metrics, "sluice_sockmap_held_back_total") >= STREAMS as f64
+        });
+    }
+
     /// Without CAP_BPF and CAP_SYS_ADMIN sluice says once that sockmap is
     /// not available, forwards with copy, and the bytes are exact.
     #[test]

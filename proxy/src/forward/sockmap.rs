@@ -537,7 +537,9 @@ impl<'a> Joined<'a> {
                     Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
                 },
                 () = self.stepped[side].notified() => {
-                    if let Some(direction) = self.keep_up(side, failed).await {
+                    // Boxed: inline, its state (a copy pump among it) would
+                    // size every connection's task, whatever its forwarder.
+                    if let Some(direction) = Box::pin(self.keep_up(side, failed)).await {
                         return direction;
                     }
                 }
@@ -667,14 +669,16 @@ impl<'a> Joined<'a> {
             // the last look is looked at again soon, then less and less
             // often: a stalled workload costs a look a second, not
             // hundreds.
-            let taken_at_pause = *taken_at_pause.get_or_insert(taken);
+            // `taken` is a lower bound read in two steps (see `written`):
+            // it can dip, so differences saturate.
+            let gained = taken.saturating_sub(*taken_at_pause.get_or_insert(taken));
             let moved = taken_before.is_some_and(|before| taken > before);
             taken_before = Some(taken);
-            let wait = if moved {
+            let wait = if moved && gained > 0 {
                 still = FIRST_LOOK;
-                let per_second =
-                    (taken - taken_at_pause) as f64 / paused_at.elapsed().as_secs_f64();
-                Duration::from_secs_f64((backlog - RESUME_AT) as f64 / per_second).min(MAX_LOOK)
+                let per_second = gained as f64 / paused_at.elapsed().as_secs_f64();
+                Duration::try_from_secs_f64((backlog - RESUME_AT) as f64 / per_second)
+                    .map_or(MAX_LOOK, |wait| wait.min(MAX_LOOK))
             } else {
                 let wait = still;
                 still = (still * 2).min(MAX_STILL_LOOK);
