@@ -34,6 +34,24 @@ fn setup(forwarder: &[&str], purpose: &str, behaviour: Behaviour) -> Setup {
     }
 }
 
+/// A topology whose workload the test writes itself: its listening socket
+/// in the pod, and sluice started with `forwarder` and debug logs.
+fn own_workload(forwarder: &[&str], purpose: &str) -> (ClientPod, std::net::TcpListener, Sluice) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let listener = topology
+        .pod
+        .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
+    let sluice = Sluice::run(
+        &topology.pod,
+        &[
+            forwarder,
+            &["--ports", "9080", "--install-rules", "--log-level", "debug"],
+        ]
+        .concat(),
+    );
+    (topology, listener, sluice)
+}
+
 fn payloads_are_byte_exact_both_ways(forwarder: &[&str], purpose: &str) {
     let s = setup(forwarder, purpose, Behaviour::Echo);
     for (len, seed) in [(1, 1), (64 << 10, 2), (64 << 20, 3)] {
@@ -195,18 +213,7 @@ fn in_flight_bytes_survive_half_close(forwarder: &[&str], purpose: &str) {
     const LEN: usize = 8 << 20;
     const PAUSE: Duration = Duration::from_millis(300);
     const PARALLEL: usize = 6;
-    let topology = ClientPod::new(purpose).expect("topology");
-    let listener = topology
-        .pod
-        .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
-    let sluice = Sluice::run(
-        &topology.pod,
-        &[
-            forwarder,
-            &["--ports", "9080", "--install-rules", "--log-level", "debug"],
-        ]
-        .concat(),
-    );
+    let (topology, listener, sluice) = own_workload(forwarder, purpose);
     // The workload says "go" first and the client waits for it: the
     // connection is then set up through sluice (for sockmap: joined, which
     // the kernel allows only before a FIN) before the payloads start.
@@ -580,22 +587,7 @@ mod sockmap_specific {
         const OFFERED: usize = 512 << 20;
         const HELD_BACK_BELOW: usize = 96 << 20;
         let pattern = |offset: usize| (offset % 251) as u8;
-        let topology = ClientPod::new(purpose).expect("topology");
-        let listener = topology
-            .pod
-            .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
-        let sluice = Sluice::run(
-            &topology.pod,
-            &[
-                "--forward",
-                "sockmap",
-                "--ports",
-                "9080",
-                "--install-rules",
-                "--log-level",
-                "debug",
-            ],
-        );
+        let (topology, listener, sluice) = own_workload(&["--forward", "sockmap"], purpose);
         let (go, read_now) = std::sync::mpsc::channel::<()>();
         let workload = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().expect("workload accept");
@@ -687,14 +679,7 @@ mod sockmap_specific {
         const STREAMS: usize = 4;
         const WRITING: Duration = Duration::from_secs(2);
         let pattern = |offset: u64| (offset % 251) as u8;
-        let topology = ClientPod::new("sm-many").expect("topology");
-        let listener = topology
-            .pod
-            .run(|| std::net::TcpListener::bind(pod_v4(PORT)).expect("bind in pod ns"));
-        let sluice = Sluice::run(
-            &topology.pod,
-            &["--forward", "sockmap", "--ports", "9080", "--install-rules"],
-        );
+        let (topology, listener, sluice) = own_workload(&["--forward", "sockmap"], "sm-many");
         // The workload checks every byte and answers with its count.
         std::thread::spawn(move || {
             for stream in listener.incoming() {
