@@ -206,6 +206,15 @@ struct Teardown {
 }
 
 impl Teardown {
+    /// One whose FIN the caller passes on itself, after a check of its own:
+    /// [`Teardown::pass_fin`] leaves it alone.
+    fn fin_left_to_caller() -> Teardown {
+        Teardown {
+            one_fin_passed: Cell::new(true),
+            ..Teardown::default()
+        }
+    }
+
     /// See [`abort`]; also tells the other direction.
     fn reset(&self, socket: &TcpStream) {
         self.resetting.set(true);

@@ -66,8 +66,8 @@
 //! caught up to [`RESUME_AT`], the socket goes back in and `SO_RCVLOWAT`
 //! runs the program over what waited, behind everything redirected before.
 //! The peer also gets a larger send buffer, [`PEER_SEND_BUFFER`]: the kernel
-//! refills a full one only once per clock tick, which alone held a single
-//! stream to less than half its rate.
+//! refills a full one only once per clock tick, which alone held make
+//! bench's single stream to less than half its rate.
 //! A FIN that comes while paused is passed on after the rest is copied,
 //! since the kernel joins only established sockets.
 
@@ -128,8 +128,8 @@ const QUIET_LOWAT: i32 = 1 << 20;
 /// The send buffer a held-back direction's peer gets (see `keep_up`).
 const PEER_SEND_BUFFER: usize = 16 << 20;
 
-/// Shortest wait between two looks at a held-back direction's peer, and
-/// the first.
+/// Shortest wait between two looks at a held-back direction's peer (never a
+/// turn of the loop without a sleep), and the first.
 const MIN_LOOK: Duration = Duration::from_micros(100);
 const FIRST_LOOK: Duration = Duration::from_millis(1);
 /// Longest wait between two looks while the peer takes bytes: one clock
@@ -176,8 +176,7 @@ pub struct SockmapEngine {
     targets: MapHandle,
     peers: MapHandle,
     events: MapHandle,
-    /// Entries of `events` handed out, one per worker that joined a
-    /// connection.
+    /// Entries of `events` handed out, one per worker.
     workers: AtomicU32,
 }
 
@@ -570,12 +569,7 @@ impl<'a> Joined<'a> {
         // Everything received but the FIN must have been copied before the
         // join or redirected since; otherwise bytes were dropped and the
         // stream cannot go on intact.
-        let copied = self.copied[side];
-        if copied + redirected + 1 != received {
-            let error = io::Error::other(format!(
-                "sockmap: {} bytes received before the FIN but {copied} copied and {redirected} redirected",
-                received.saturating_sub(1)
-            ));
+        if let Err(error) = all_forwarded(received, self.copied[side] + redirected) {
             return self.fail(side, failed, End::ReadFailed(error));
         }
         let target = self.written_before[1 - side] + redirected;
@@ -591,11 +585,6 @@ impl<'a> Joined<'a> {
         self.ended(side, End::Eof)
     }
 
-    /// Bytes redirected from socket `side` that its peer has not taken yet.
-    fn backlog(&self, side: usize) -> io::Result<u64> {
-        Ok(self.progress(side)?.0)
-    }
-
     /// (bytes redirected from socket `side` and not taken by its peer yet,
     /// bytes its peer has taken since the join).
     fn progress(&self, side: usize) -> io::Result<(u64, u64)> {
@@ -609,9 +598,11 @@ impl<'a> Joined<'a> {
     /// (see the module's notes). Some when the direction ended meanwhile.
     async fn keep_up(&self, side: usize, failed: &Cell<bool>) -> Option<Direction> {
         let (from, to) = (self.sockets[side], self.sockets[1 - side]);
-        match self.backlog(side) {
-            Ok(backlog) if backlog <= PAUSE_ABOVE => return None,
-            Ok(backlog) => debug!(backlog, "sockmap: the peer is behind; pausing the redirect"),
+        match self.progress(side) {
+            Ok((backlog, _)) if backlog <= PAUSE_ABOVE => return None,
+            Ok((backlog, _)) => {
+                debug!(backlog, "sockmap: the peer is behind; pausing the redirect")
+            }
             Err(error) => return Some(self.fail(side, failed, End::ReadFailed(error))),
         }
         // The kernel drops what a program run under way has not reached
@@ -628,11 +619,12 @@ impl<'a> Joined<'a> {
         }
         // The kernel feeds a full peer again only at the next clock tick
         // (a delayed retry; the peer's write-space callback cannot bring
-        // it forward): with TCP's own send buffer, at most 4 MiB, that
-        // drained a held-back stream at 4-6 Gbit/s, against 12 with 16 MiB
-        // (a 3 s single stream into a workload that reads as fast as it
-        // can). It only bounds what waits in the peer's queue, like the
-        // mark above. Without CAP_NET_ADMIN the kernel's size stays.
+        // it forward). With TCP's own send buffer, at most 4 MiB, make
+        // bench's single-stream load through sockmap ran at 5.2 Gbit/s,
+        // against 14.1-14.4 with 16 MiB (`sluice-bench --scenarios
+        // tproxy-sockmap --loads bulk`, this call left out). It only bounds
+        // what waits in the peer's queue, like the mark above. Without
+        // CAP_NET_ADMIN the kernel's size stays.
         if let Err(error) = linux::force_send_buffer(to, PEER_SEND_BUFFER) {
             debug!(%error, "sockmap: cannot enlarge the peer's send buffer");
         }
@@ -729,9 +721,7 @@ impl<'a> Joined<'a> {
             return self.fail(side, failed, End::ReadFailed(error));
         }
         // The FIN is passed on below, after the count.
-        let teardown = Teardown::default();
-        teardown.one_fin_passed.set(true);
-        let rest = copy::pump(from, to, &teardown).await;
+        let rest = copy::pump(from, to, &Teardown::fin_left_to_caller()).await;
         if !matches!(rest.end, End::Eof) {
             // copy reset the sockets; the other direction must hear why.
             failed.set(true);
@@ -744,16 +734,10 @@ impl<'a> Joined<'a> {
             };
         }
         let forwarded = self.copied[side] + redirected + rest.bytes;
-        match linux::tcp_counters(from) {
-            Ok(counters) if counters.bytes_received == forwarded + 1 => {}
-            Ok(counters) => {
-                let error = io::Error::other(format!(
-                    "sockmap: {} bytes received before the FIN but {forwarded} forwarded",
-                    counters.bytes_received.saturating_sub(1)
-                ));
-                return self.fail(side, failed, End::ReadFailed(error));
-            }
-            Err(error) => return self.fail(side, failed, End::ReadFailed(error)),
+        if let Err(error) = linux::tcp_counters(from)
+            .and_then(|counters| all_forwarded(counters.bytes_received, forwarded))
+        {
+            return self.fail(side, failed, End::ReadFailed(error));
         }
         let _ = to.shutdown(Shutdown::Write);
         Direction {
@@ -873,6 +857,19 @@ impl fmt::Display for NotEstablished {
 }
 
 impl std::error::Error for NotEstablished {}
+
+/// Checks, at a FIN, that everything a socket received before it was
+/// forwarded: `received` is `tcpi_bytes_received`, which counts the FIN as
+/// one; `forwarded` what was copied and redirected.
+fn all_forwarded(received: u64, forwarded: u64) -> io::Result<()> {
+    if forwarded + 1 == received {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "sockmap: {} bytes received before the FIN but {forwarded} forwarded (copied and redirected)",
+        received.saturating_sub(1)
+    )))
+}
 
 /// Bytes `socket` has taken into its send queue since it was made
 /// (write_seq's progress), as a lower bound: bytes_acked is read first and
