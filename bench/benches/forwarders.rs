@@ -247,15 +247,14 @@ fn forward_one(listener: TcpListener, server: SocketAddr, forwarding: Forwarding
         let (client, _) = listener.accept().await.expect("forwarder: accept");
         sluice::linux::set_nodelay(&client).expect("forwarder: TCP_NODELAY");
         let pending = sluice::upstream::start(
+            sluice::upstream::Leg::FromBypass,
             server,
             server.ip(),
-            sluice::upstream::Source::Bypass,
             UPSTREAM_MARK,
-            false,
         )
         .expect("forwarder: upstream socket");
         let upstream = pending
-            .finish(server)
+            .finish()
             .await
             .expect("forwarder: connect to the server");
         match &forwarding {

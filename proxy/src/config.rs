@@ -118,11 +118,13 @@ pub struct RunArgs {
     /// address (the workload sees who connected), or 127.0.0.6 / ::6.
     #[arg(long, value_enum, default_value_t = UpstreamSource::Client)]
     pub upstream_source: UpstreamSource,
-    /// With `--upstream-source client`: the source ports of sluice's
-    /// connections to the workload. Keep it apart from the ports clients
-    /// connect from (Linux picks 32768-60999, Windows 49152-65535).
-    #[arg(long, default_value = "1024-32767", value_parser = parse_port_range)]
-    pub upstream_ports: (u16, u16),
+    /// With `--upstream-source client`: narrows the source ports of sluice's
+    /// connections to the workload, within the pod's
+    /// net.ipv4.ip_local_port_range [default: that whole range]. They need
+    /// not be apart from the clients' ports: those connections go to the
+    /// pod's inner address.
+    #[arg(long, value_parser = parse_port_range)]
+    pub upstream_ports: Option<(u16, u16)>,
     /// Connections forwarded at once; beyond it, new ones are reset
     /// [default: what the descriptor limit (RLIMIT_NOFILE) holds].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -182,7 +184,7 @@ fn parse_admin_listen(text: &str) -> Result<Listen, String> {
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     let (low, high) = text
         .split_once('-')
-        .ok_or_else(|| format!("'{text}' is not a port range; write e.g. 1024-32767"))?;
+        .ok_or_else(|| format!("'{text}' is not a port range; write e.g. 40000-60999"))?;
     let (low, high) = (parse_port(low)?, parse_port(high)?);
     if low > high {
         return Err(format!(

@@ -70,7 +70,7 @@ pub fn port_free(addr: SocketAddr) -> io::Result<()> {
     socket.bind(&addr.into())
 }
 
-/// A socket for sluice's connection to the workload at `destination`, not
+/// A socket for sluice's connection to the workload at `target`, not
 /// bound yet ([`bind_bypass`], [`bind_transparent`]).
 ///
 /// It carries `mark` and is bound to `lo`. The mark's policy route (`fwmark
@@ -84,19 +84,8 @@ pub fn port_free(addr: SocketAddr) -> io::Result<()> {
 /// from `::6` or a client's address, which are no loopback addresses, it
 /// would otherwise block its port for a minute, and a sustained connection
 /// rate would run out of ports.
-///
-/// `nonblocking`: for [`start_connect`].
-pub fn upstream_socket(
-    destination: SocketAddr,
-    mark: u32,
-    nonblocking: bool,
-) -> io::Result<Socket> {
-    let kind = if nonblocking {
-        Type::STREAM.nonblocking()
-    } else {
-        Type::STREAM
-    };
-    let socket = Socket::new(Domain::for_address(destination), kind, None)?;
+pub fn upstream_socket(target: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
     socket.set_tcp_nodelay(true)?;
     // No keepalive: the peer is in the pod, on this kernel, which answers
     // for it (a reset when it goes; probes are answered even while the
@@ -115,26 +104,50 @@ pub fn bind_bypass(socket: &Socket, destination: SocketAddr) -> io::Result<()> {
 }
 
 /// Binds an upstream socket to `source`, an address this namespace does
-/// not own (a client's): `IP_TRANSPARENT`. `SO_REUSEADDR` lets it take a
-/// port that a TIME_WAIT or another connection of that address holds:
-/// `connect()` then says whether the 4-tuple is free (EADDRNOTAVAIL if not).
-pub fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
+/// not own (a client's): `IP_TRANSPARENT`. As for [`bind_bypass`], the port
+/// is `connect()`'s to choose.
+pub fn bind_transparent(socket: &Socket, source: IpAddr) -> io::Result<()> {
     match source {
-        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
     }
-    socket.set_reuse_address(true)?;
-    socket.bind(&source.into())
+    bind_address_no_port(socket)?;
+    socket.bind(&SocketAddr::new(source, 0).into())
 }
 
-/// Starts a non-blocking `connect()`: `Ok` once it is under way
-/// (EINPROGRESS); an error the kernel knows at once (EADDRNOTAVAIL: the
-/// 4-tuple is taken) otherwise.
-pub fn start_connect(socket: &Socket, destination: SocketAddr) -> io::Result<()> {
-    match socket.connect(&destination.into()) {
-        Ok(()) => Ok(()),
-        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
-        Err(error) => Err(error),
+/// `IP_LOCAL_PORT_RANGE` (Linux 6.3; in no crate's bindings yet): the
+/// ports `connect()` may pick for this socket. The kernel only narrows the
+/// namespace's `net.ipv4.ip_local_port_range` with it (a bound outside that
+/// range is ignored), which `sluice run` checks at start.
+pub fn set_local_port_range(socket: &Socket, low: u16, high: u16) -> io::Result<()> {
+    const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+    let range: u32 = u32::from(low) | (u32::from(high) << 16);
+    // SAFETY: the option reads one u32 through the pointer, whose size is
+    // passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            IP_LOCAL_PORT_RANGE,
+            std::ptr::from_ref(&range).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The namespace's `net.ipv4.ip_local_port_range` (IPv6 uses it too).
+pub fn local_port_range() -> io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
+        _ => Err(io::Error::other(format!(
+            "cannot read net.ipv4.ip_local_port_range: {text:?}"
+        ))),
     }
 }
 
@@ -173,18 +186,6 @@ pub fn shutdown_read(socket: &impl AsRawFd) -> io::Result<()> {
 
 pub fn set_nodelay(socket: &impl AsRawFd) -> io::Result<()> {
     with_sockref(socket, |s| s.set_tcp_nodelay(true))
-}
-
-/// Puts a socket back in blocking mode, in one call (`FIONBIO`; changing
-/// the file flags takes two).
-pub fn set_blocking(socket: &impl AsRawFd) -> io::Result<()> {
-    let mut off: libc::c_int = 0;
-    // SAFETY: FIONBIO reads one int through the pointer.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONBIO, &mut off) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Puts a socket in non-blocking mode, so that `splice(2)` on it returns

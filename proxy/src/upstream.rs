@@ -1,12 +1,30 @@
-//! sluice's own connection to the workload: from the client's own address
-//! (`--upstream-source client`), or from the bypass source (`bypass`); over
-//! lo, which the interception lets through instead of catching it again.
+//! sluice's own connection to the workload, over lo, which the interception
+//! lets through instead of catching it again.
+//!
+//! With `--upstream-source client` (the default) it comes from the client's
+//! own address and goes to the workload's port at the pod's *inner address*,
+//! 127.0.0.6 / `::6`, not at the address the client connected to. That is
+//! what keeps every tuple sluice makes apart from every tuple a client can
+//! make. Were the leg client:P → pod-address:port, the workload's accepted
+//! socket (pod-address:port ← client:P) would be exactly the socket a new
+//! SYN from the real client's port P looks for: TPROXY's established lookup
+//! (and the kernel's own, before sk_lookup runs) would hand that SYN to the
+//! workload, which drops or challenges it, and the client stalls or resets
+//! an unrelated connection. And a leg that took the port of one of the
+//! client's live connections would meet sluice's own accepted socket. No
+//! choice of ports avoids both for clients that use every port (NAT
+//! gateways, kube-proxy's masquerade). Nothing from outside the pod can
+//! reach 127.0.0.6 or `::6` (127/8 is martian off lo; `::6` is exempt from
+//! interception only on lo), so no client tuple can ever be a leg's, and the
+//! kernel may pick the leg's port itself, with its own uniqueness check.
+//!
+//! A workload that listens on the pod's address only (not on 0.0.0.0 or
+//! `::`) refuses the inner address: the connection then goes to the address
+//! the client asked for, from the bypass source, and the fallback is counted
+//! (see `server::connection`).
 
-use std::cell::Cell;
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::Socket;
 use tokio_uring::net::TcpStream;
@@ -16,158 +34,71 @@ use crate::{linux, uring};
 /// Where the connection to the workload comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// The client's own address, with a port from this range.
-    Client { ports: (u16, u16) },
+    /// The client's own address; the kernel picks the port, within `ports`
+    /// when given (`--upstream-ports`).
+    Client { ports: Option<(u16, u16)> },
     /// 127.0.0.6 / ::6.
     Bypass,
 }
 
-thread_local! {
-    /// Where this worker's next search for a client-source port starts:
-    /// each worker walks the range from its own place, so that they rarely
-    /// meet.
-    static NEXT_PORT: Cell<u32> = Cell::new(std::process::id() ^ thread_seed());
+/// The two shapes a connection to the workload takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// client address:port chosen by the kernel → inner address:original port.
+    FromClient { ports: Option<(u16, u16)> },
+    /// bypass source:port chosen by the kernel → the original destination.
+    FromBypass,
 }
 
-fn thread_seed() -> u32 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    std::thread::current().id().hash(&mut hasher);
-    hasher.finish() as u32
+impl Leg {
+    /// Where this leg connects to, for a connection that was going to
+    /// `destination`.
+    pub fn target(self, destination: SocketAddr) -> SocketAddr {
+        match self {
+            Leg::FromClient { .. } => {
+                SocketAddr::new(linux::bypass_source(destination.ip()), destination.port())
+            }
+            Leg::FromBypass => destination,
+        }
+    }
 }
 
 /// A connection to the workload under way; its descriptor can be aborted
 /// (the connect timeout) while [`Pending::finish`] waits.
 pub struct Pending {
     socket: Socket,
-    /// The connect was started (from a client's address); otherwise it is
-    /// made by the ring.
-    started: bool,
+    target: SocketAddr,
 }
 
-impl AsRawFd for Pending {
-    fn as_raw_fd(&self) -> RawFd {
+impl std::os::fd::AsRawFd for Pending {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.socket.as_raw_fd()
     }
 }
 
-/// Starts the connection from `client` to `destination`, with the policy's
-/// `mark` (see [`linux::upstream_socket`]).
-///
-/// From the client's address, sluice picks the source port itself, from
-/// `--upstream-ports`, apart from the ports clients connect from. The
-/// kernel's own choice would come from the pod's ephemeral range, by the
-/// same hash of (client address, destination) that the client's kernel uses
-/// for its next connection to the same destination: the upstream connection
-/// would take the port of a client connection to come, or of one that is
-/// open (the mirror image: two sockets in the pod for one 4-tuple, seen
-/// from either end), and one of the two hangs. `IP_LOCAL_PORT_RANGE` cannot
-/// help: the kernel only narrows the pod's range with it.
-///
-/// Each worker walks the range in turn. The next port is nearly always free,
-/// so the ring makes the connect. When it was not (`search`: the last try
-/// said EADDRNOTAVAIL, the 4-tuple is held by another connection or a
-/// TIME_WAIT too young to reuse), the ports are tried in turn with a
-/// non-blocking `connect()`, which says at once: a run of thousands of ports
-/// held by open connections costs milliseconds, not a ring trip each. That
-/// fails with EADDRNOTAVAIL when the whole range is taken.
-pub fn start(
-    destination: SocketAddr,
-    client: IpAddr,
-    source: Source,
-    mark: u32,
-    search: bool,
-) -> io::Result<Pending> {
-    let (low, high) = match source {
-        Source::Bypass => {
-            let socket = linux::upstream_socket(destination, mark, false)?;
-            linux::bind_bypass(&socket, destination)?;
-            return Ok(Pending {
-                socket,
-                started: false,
-            });
-        }
-        Source::Client { ports } => ports,
-    };
-    let ports = Ports { low, high };
-    if !search {
-        let socket = linux::upstream_socket(destination, mark, false)?;
-        match linux::bind_transparent(&socket, SocketAddr::new(client, ports.next())) {
-            Ok(()) => {
-                return Ok(Pending {
-                    socket,
-                    started: false,
-                })
+/// Makes the socket of a `leg` for a connection from `client` to
+/// `destination`, with the policy's `mark` (see [`linux::upstream_socket`]).
+/// The port is left to `connect()` (`IP_BIND_ADDRESS_NO_PORT`), which checks
+/// the whole 4-tuple, TIME_WAITs included.
+pub fn start(leg: Leg, destination: SocketAddr, client: IpAddr, mark: u32) -> io::Result<Pending> {
+    let target = leg.target(destination);
+    let socket = linux::upstream_socket(target, mark)?;
+    match leg {
+        Leg::FromBypass => linux::bind_bypass(&socket, target)?,
+        Leg::FromClient { ports } => {
+            if let Some((low, high)) = ports {
+                linux::set_local_port_range(&socket, low, high)?;
             }
-            // A port something listens on, say: search from here.
-            Err(error) if taken(&error) => {}
-            Err(error) => return Err(error),
+            linux::bind_transparent(&socket, client)?;
         }
     }
-    for _ in 0..ports.span() {
-        let socket = linux::upstream_socket(destination, mark, true)?;
-        match linux::bind_transparent(&socket, SocketAddr::new(client, ports.next())) {
-            Ok(()) => {}
-            Err(error) if taken(&error) => continue,
-            Err(error) => return Err(error),
-        }
-        match linux::start_connect(&socket, destination) {
-            Ok(()) => {
-                return Ok(Pending {
-                    socket,
-                    started: true,
-                })
-            }
-            Err(error) if taken(&error) => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
-}
-
-/// A port (or its 4-tuple) someone holds: try the next.
-fn taken(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
-    )
-}
-
-/// `--upstream-ports`, walked by this worker from its own place.
-struct Ports {
-    low: u16,
-    high: u16,
-}
-
-impl Ports {
-    fn span(&self) -> u32 {
-        u32::from(self.high) - u32::from(self.low) + 1
-    }
-
-    fn next(&self) -> u16 {
-        let span = self.span();
-        let offset = NEXT_PORT.with(|next| {
-            let offset = next.get() % span;
-            next.set(offset + 1);
-            offset
-        });
-        u16::try_from(u32::from(self.low) + offset).unwrap_or(self.low)
-    }
+    Ok(Pending { socket, target })
 }
 
 impl Pending {
     /// Waits until the connection is made.
-    pub async fn finish(self, destination: SocketAddr) -> io::Result<TcpStream> {
-        if !self.started {
-            let connected = uring::connect(self.socket, destination.into()).await?;
-            return Ok(TcpStream::from_std(connected.into()));
-        }
-        uring::poll(self.socket.as_raw_fd(), libc::POLLOUT as u32).await?;
-        if let Some(error) = linux::take_error(&self.socket)? {
-            return Err(error);
-        }
-        // The ring's reads and writes want a blocking socket (they would
-        // hand EAGAIN back instead of waiting).
-        linux::set_blocking(&self.socket)?;
-        Ok(TcpStream::from_std(self.socket.into()))
+    pub async fn finish(self) -> io::Result<TcpStream> {
+        let connected = uring::connect(self.socket, self.target.into()).await?;
+        Ok(TcpStream::from_std(connected.into()))
     }
 }

@@ -100,9 +100,11 @@ fn bypass_source_still_shows_the_bypass_address() {
 /// One client address holding 5,000 connections through sluice, then
 /// 20,000 short connections from the same address and 32 source ports
 /// (each reused hundreds of times): every one goes through sluice. sluice's
-/// connections to the workload come from the client's address too; were
-/// their ports the client's (the kernel's choice), one of them would meet a
-/// client connection's mirror image and hang.
+/// connections to the workload come from the client's address too, to the
+/// inner address, from ports the pod's kernel picks: were they to go to the
+/// pod's address, the kernel's choice would be the client's own next port
+/// (the same hash of addresses and destination), and one would meet a client
+/// connection's mirror image and hang.
 #[test]
 fn one_client_address_holding_5000_then_a_burst_of_20000() {
     const HELD: u64 = 5_000;
@@ -159,7 +161,7 @@ fn one_client_address_holding_5000_then_a_burst_of_20000() {
 }
 
 /// One client address making three times as many short connections as
-/// `--upstream-ports` holds, the client closing first (so sluice's
+/// `--upstream-ports` (narrowed to 1,000 ports) holds, the client closing first (so sluice's
 /// connection to the workload closes first and keeps the TIME_WAIT), over
 /// IPv4 and IPv6: not one fails.
 #[test]
@@ -175,7 +177,7 @@ fn one_client_address_outlasts_the_upstream_port_range() {
             "9080",
             "--install-rules",
             "--upstream-ports",
-            "20000-20999",
+            "40000-40999",
         ],
     );
     let started = Instant::now();

@@ -32,7 +32,8 @@ pub fn effective_config(options: &RunOptions) -> Value {
             crate::upstream::Source::Bypass => "bypass",
         },
         "upstream_ports": match options.upstream_source {
-            crate::upstream::Source::Client { ports: (low, high) } => json!(format!("{low}-{high}")),
+            crate::upstream::Source::Client { ports: Some((low, high)) } => json!(format!("{low}-{high}")),
+            crate::upstream::Source::Client { ports: None } => json!("net.ipv4.ip_local_port_range"),
             crate::upstream::Source::Bypass => Value::Null,
         },
         "metrics_addr": listen(options.admin.metrics),
@@ -89,6 +90,23 @@ pub fn kernel_facts() -> Value {
     })
 }
 
+/// Destinations whose workload refused the inner address (it listens on the
+/// pod's address only), so that their connections come from the bypass
+/// source: which, and how many connections went that way.
+fn client_source_fallbacks(shared: &Shared) -> Value {
+    let mut destinations = std::collections::BTreeSet::new();
+    for stats in &shared.stats {
+        if let Ok(listed) = stats.fallback_destinations.lock() {
+            destinations.extend(listed.iter().map(ToString::to_string));
+        }
+    }
+    json!({
+        "reason": "workload_not_on_inner_address",
+        "connections": crate::server::stats::total(&shared.stats, |s| &s.client_source_fallbacks),
+        "destinations": destinations,
+    })
+}
+
 /// Everything `GET /config_dump` shows.
 pub fn config_dump(shared: &Shared) -> Value {
     let interception = shared.interception();
@@ -106,6 +124,7 @@ pub fn config_dump(shared: &Shared) -> Value {
             "running": workers_running,
         },
         "draining": shared.draining(),
+        "client_source_fallbacks": client_source_fallbacks(shared),
         "ready": shared.readiness().is_ok(),
         "interception": interception.map(|i| json!({
             "matches": i.matches,

@@ -136,6 +136,16 @@ impl Collector for Workers {
             "Times a joined connection's direction stopped redirecting because its reader was 8 MiB behind (a slow workload or client); its bytes waited in TCP's window until the reader caught up. Counted when the connection ends.",
             total(|s| &s.sockmap_held_back),
         )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "sluice_client_source_fallbacks",
+                "Connections that reached the workload from the bypass source (127.0.0.6 / ::6) although --upstream-source client asked for the client's address, by reason (workload_not_on_inner_address: it listens on the pod's address only; GET /config_dump lists the destinations).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(total(|s| &s.client_source_fallbacks))
+                .encode(family.encode_family(&[("reason", "workload_not_on_inner_address")])?)?;
+        }
         histogram(
             &mut encoder,
             "sluice_upstream_connect_duration",

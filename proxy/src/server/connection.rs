@@ -11,11 +11,11 @@ use tokio_uring::net::TcpStream;
 use tracing::debug;
 
 use super::stats::{self, ConnectFailure, Refused};
-use super::worker::{Registration, Settings, Worker};
+use super::worker::{Registration, Worker};
 use crate::forward::{self, End, Sockmap};
 use crate::linux;
 use crate::listener::{self, ClientAddr, OrigDst};
-use crate::upstream;
+use crate::upstream::{self, Leg, Source};
 
 pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
     let Some(registration) = worker.track(&client) else {
@@ -35,10 +35,10 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
 
     let connect_started = Instant::now();
     let upstream = match connect(
+        &worker,
         &registration,
         peer,
         destination.addr,
-        &settings,
         connect_started,
     )
     .await
@@ -97,36 +97,50 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
 const PORT_RETRY: Duration = Duration::from_millis(20);
 
 /// Connects to the workload, within the connect timeout (the worker's sweep
-/// aborts a connect that takes longer). EADDRNOTAVAIL, no free source port
-/// for this destination (every one is held, or in a TIME_WAIT less than a
-/// second old under a connection rate beyond the port range per second),
-/// is a search of the range (see `upstream::start`), then tried again every
-/// 20 ms until the timeout: a burst is slowed down, not failed.
+/// aborts a connect that takes longer).
+///
+/// From the client's address, the leg goes to the pod's inner address (see
+/// `upstream`). A workload that refuses it listens on the pod's address
+/// only: the connection goes there from the bypass source instead, the
+/// worker remembers that destination for a while (one refused connect per
+/// [`super::worker::INNER_REFUSED_FOR`], not one per connection), and each such
+/// connection is counted. EADDRNOTAVAIL, no free source port (every one is
+/// held, or in a TIME_WAIT less than a second old under a connection rate
+/// beyond the port range per second), is tried again every 20 ms until the
+/// timeout: a burst is slowed down, not failed.
 async fn connect(
+    worker: &Worker,
     registration: &Registration,
     client: ClientAddr,
     destination: SocketAddr,
-    settings: &Settings,
     started: Instant,
 ) -> Result<TcpStream, (ConnectFailure, io::Error)> {
-    let mut search = false;
+    let settings = &worker.settings;
+    let mut leg = match settings.upstream_source {
+        Source::Bypass => Leg::FromBypass,
+        Source::Client { .. } if worker.inner_refused(destination) => Leg::FromBypass,
+        Source::Client { ports } => Leg::FromClient { ports },
+    };
+    let fell_back = leg == Leg::FromBypass && settings.upstream_source != Source::Bypass;
+    let mut refused_inner = false;
     loop {
-        let pending = upstream::start(
-            destination,
-            client.0.ip(),
-            settings.upstream_source,
-            settings.mark,
-            search,
-        );
-        let attempt = match pending {
+        let attempt = match upstream::start(leg, destination, client.0.ip(), settings.mark) {
             Ok(pending) => {
                 registration.connecting(&pending, started);
-                pending.finish(destination).await
+                pending.finish().await
             }
             Err(error) => Err(error),
         };
         let error = match attempt {
-            Ok(upstream) => return Ok(upstream),
+            Ok(upstream) => {
+                if refused_inner {
+                    worker.remember_inner_refused(destination);
+                }
+                if fell_back || refused_inner {
+                    stats::add(&worker.stats.client_source_fallbacks, 1);
+                }
+                return Ok(upstream);
+            }
             Err(error) => error,
         };
         if registration.timed_out() {
@@ -134,16 +148,17 @@ async fn connect(
         }
         // The socket is closed: the sweep must not abort its descriptor.
         registration.waiting();
+        if matches!(leg, Leg::FromClient { .. }) && error.raw_os_error() == Some(libc::ECONNREFUSED)
+        {
+            leg = Leg::FromBypass;
+            refused_inner = true;
+            continue;
+        }
         let no_port = error.raw_os_error() == Some(libc::EADDRNOTAVAIL);
         if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
             return Err((ConnectFailure::of(&error), error));
         }
-        // The first miss searches the range at once; a search that found
-        // nothing waits a little for TIME_WAITs to come of age.
-        if search {
-            tokio::time::sleep(PORT_RETRY).await;
-        }
-        search = true;
+        tokio::time::sleep(PORT_RETRY).await;
     }
 }
 

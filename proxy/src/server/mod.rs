@@ -65,6 +65,18 @@ pub enum Error {
     IoUring(#[source] io::Error),
     #[error("a worker cannot set up the forwarder's per-thread state (for sockmap: its ring buffer of events)")]
     ForwarderWorker(#[source] io::Error),
+    #[error(
+        "--upstream-ports {low}-{high} is not inside this namespace's net.ipv4.ip_local_port_range ({pod_low}-{pod_high}): \
+         the kernel picks sluice's ports from that range and only narrows it; choose a range inside it, or widen the sysctl"
+    )]
+    UpstreamPorts {
+        low: u16,
+        high: u16,
+        pod_low: u16,
+        pod_high: u16,
+    },
+    #[error("cannot read net.ipv4.ip_local_port_range")]
+    PortRange(#[source] io::Error),
     #[error("cannot wait for SIGINT/SIGTERM")]
     Signals(#[source] io::Error),
     #[error(
@@ -119,6 +131,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         .thread_block()
         .map_err(|e| Error::Signals(e.into()))?;
     install_panic_hook();
+    check_upstream_ports(options.upstream_source)?;
     // First, so a port in use fails start-up before anything is installed.
     let admin_listeners = admin::Listeners::bind(&options.admin)?;
     let config = admin::effective_config(&options);
@@ -427,6 +440,28 @@ impl AttachedProgram {
             },
         })
     }
+}
+
+/// `--upstream-ports` narrows the namespace's range (`IP_LOCAL_PORT_RANGE`),
+/// and the kernel silently ignores a bound outside it: refuse such a range
+/// at start rather than connect from ports the user did not ask for.
+fn check_upstream_ports(source: upstream::Source) -> Result<(), Error> {
+    let upstream::Source::Client {
+        ports: Some((low, high)),
+    } = source
+    else {
+        return Ok(());
+    };
+    let (pod_low, pod_high) = linux::local_port_range().map_err(Error::PortRange)?;
+    if low < pod_low || high > pod_high {
+        return Err(Error::UpstreamPorts {
+            low,
+            high,
+            pod_low,
+            pod_high,
+        });
+    }
+    Ok(())
 }
 
 /// What sluice's upstream connections need in ebpf mode, where no rules

@@ -117,6 +117,12 @@ pub struct WorkerStats {
     pub sockmap_joined: AtomicU64,
     /// Times a joined direction stopped redirecting until its peer caught up.
     pub sockmap_held_back: AtomicU64,
+    /// Connections forwarded from the bypass source although the client's
+    /// address was asked for: their workload refused the inner address.
+    pub client_source_fallbacks: AtomicU64,
+    /// The destinations those went to; written once per destination and
+    /// worker, when first found (not per connection), read by the admin side.
+    pub fallback_destinations: std::sync::Mutex<std::collections::BTreeSet<std::net::SocketAddr>>,
     /// From the start of the upstream connect to its success.
     pub connect_duration: Histogram<ConnectBuckets>,
     /// From the successful upstream connect to the end of forwarding.

@@ -8,6 +8,7 @@
 //! per connection.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
@@ -71,6 +72,12 @@ const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 /// timeouts are enforced within it).
 const MAX_SWEEP: Duration = Duration::from_secs(1);
 
+/// How long a worker sends a destination whose workload refused the inner
+/// address (it listens on the pod's address only) from the bypass source
+/// without trying the inner address again: a workload that comes back
+/// listening on every address gets the client's address again after that.
+pub const INNER_REFUSED_FOR: Duration = Duration::from_secs(30);
+
 /// Set by the panic hook: a worker panicked, the process must go.
 pub static PANICKED: AtomicBool = AtomicBool::new(false);
 
@@ -97,6 +104,8 @@ pub struct Worker {
     connections: RefCell<Slab<Tracked>>,
     accept_errors: RateLimited,
     refusals: RateLimited,
+    /// Destinations whose workload refused the inner address, and since when.
+    inner_refused: RefCell<HashMap<SocketAddr, Instant>>,
 }
 
 /// A connection in the worker's table.
@@ -130,6 +139,7 @@ impl Worker {
             connections: RefCell::new(Slab::new()),
             accept_errors: RateLimited::default(),
             refusals: RateLimited::default(),
+            inner_refused: RefCell::new(HashMap::new()),
         }
     }
 
@@ -230,6 +240,31 @@ impl Worker {
             }
             None => warn!(client = %peer, suppressed, "refused: {reason}"),
         });
+    }
+
+    /// Whether connections to `destination` go from the bypass source
+    /// because its workload refused the inner address lately.
+    pub fn inner_refused(&self, destination: SocketAddr) -> bool {
+        let mut refused = self.inner_refused.borrow_mut();
+        match refused.get(&destination) {
+            Some(since) if since.elapsed() < INNER_REFUSED_FOR => true,
+            Some(_) => {
+                refused.remove(&destination);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that `destination`'s workload refused the inner address
+    /// and was reached at the pod's address; `GET /config_dump` lists it.
+    pub fn remember_inner_refused(&self, destination: SocketAddr) {
+        self.inner_refused
+            .borrow_mut()
+            .insert(destination, Instant::now());
+        if let Ok(mut listed) = self.stats.fallback_destinations.lock() {
+            listed.insert(destination);
+        }
     }
 
     /// Enters `client` in the table; `None` when the worker is aborting (a

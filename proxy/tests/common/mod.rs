@@ -81,6 +81,9 @@ pub struct Workload {
     pub sluice_peers: Arc<Mutex<Vec<IpAddr>>>,
     /// The peer address of every connection that did not.
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
+    /// (peer, local) of every connection that came through sluice: the
+    /// port sluice connected from, and the address it connected to.
+    pub sluice_legs: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>,
     /// Bytes read by `GreetThenDrain` connections that ended.
     pub drained: Arc<AtomicU64>,
     /// Connections whose end (FIN or reset) the workload saw.
@@ -92,20 +95,38 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// A workload on `port` of every address, IPv4 and IPv6, as servers
+    /// usually listen (0.0.0.0 and `::`).
     pub fn start(pod: &Netns, port: u16, behaviour: Behaviour, threads: usize) -> Workload {
-        Workload::on(pod, &[pod_v4(port), pod_v6(port)], behaviour, threads)
+        let any = [
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        ];
+        Workload::on(pod, &any, behaviour, threads)
     }
 
-    /// A workload on the pod's IPv4 address only (an IPv4-only pod).
+    /// A workload on IPv4 only (an IPv4-only pod).
     pub fn start_v4(pod: &Netns, port: u16, behaviour: Behaviour, threads: usize) -> Workload {
-        Workload::on(pod, &[pod_v4(port)], behaviour, threads)
+        let any = [SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))];
+        Workload::on(pod, &any, behaviour, threads)
+    }
+
+    /// A workload that listens on the pod's own addresses only (some
+    /// servers bind the pod's IP), not on every address.
+    pub fn start_on_pod_addresses(
+        pod: &Netns,
+        port: u16,
+        behaviour: Behaviour,
+        threads: usize,
+    ) -> Workload {
+        Workload::on(pod, &[pod_v4(port), pod_v6(port)], behaviour, threads)
     }
 
     fn on(pod: &Netns, addrs: &[SocketAddr], behaviour: Behaviour, threads: usize) -> Workload {
         let listeners: Vec<TcpListener> = pod.run(|| {
             addrs
                 .iter()
-                .map(|addr| TcpListener::bind(addr).expect("workload bind in pod ns"))
+                .map(|addr| listen(*addr).expect("workload bind in pod ns"))
                 .collect()
         });
         let mut workload = Workload {
@@ -115,6 +136,7 @@ impl Workload {
             direct: Arc::default(),
             sluice_peers: Arc::default(),
             peers: Arc::default(),
+            sluice_legs: Arc::default(),
             drained: Arc::default(),
             ended: Arc::default(),
             resets: Arc::default(),
@@ -130,6 +152,7 @@ impl Workload {
                     workload.peers.clone(),
                 );
                 let sluice_peers = workload.sluice_peers.clone();
+                let sluice_legs = workload.sluice_legs.clone();
                 let (drained, ended) = (workload.drained.clone(), workload.ended.clone());
                 let resets = workload.resets.clone();
                 workload.threads.push(std::thread::spawn(move || loop {
@@ -142,6 +165,11 @@ impl Workload {
                     let mark = socket2::SockRef::from(&stream).mark().unwrap_or(0);
                     let through_sluice = mark == SLUICE_MARK;
                     if through_sluice { &via } else { &direct }.fetch_add(1, Ordering::SeqCst);
+                    if through_sluice {
+                        if let Ok(local) = stream.local_addr() {
+                            sluice_legs.lock().unwrap().push((peer, local));
+                        }
+                    }
                     if through_sluice {
                         &sluice_peers
                     } else {
@@ -204,6 +232,23 @@ impl Drop for Workload {
             let _ = thread.join();
         }
     }
+}
+
+/// A listener on `addr`; an IPv6 one is v6-only, so that `::` and
+/// 0.0.0.0 can both be bound.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Echoes until end of stream; an error when the connection was reset.
@@ -557,6 +602,26 @@ pub fn short_connection(source_port: u16, to: SocketAddr) -> std::io::Result<()>
         return Err(std::io::Error::other(format!("bad reply {reply:?}")));
     }
     Ok(())
+}
+
+/// Segments the kernel retransmitted on this connection (a SYN that got no
+/// answer among them): `tcpi_total_retrans` from `TCP_INFO`.
+pub fn retransmitted(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_total_retrans
 }
 
 /// Fails with the count and the first few when any connection failed.
