@@ -3,12 +3,17 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables
+# redis-server, redis-tools: a real client (redis-benchmark) in make test and
+# make bench, against a redis-server of their own in a pod namespace (the
+# package's system service, on 127.0.0.1 of the machine, is never used).
+APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables redis-server redis-tools
+# curl, python3: the README's quickstarts, which bench/tests/quickstart.rs runs.
+APT_PACKAGES += curl python3
 # linux-perf: the interceptors' syscall counts (perf stat) and `make profile`.
 BENCH_PACKAGES := haproxy linux-perf
 PROFILE_PACKAGES := strace
 
-.PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
+.PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-check-selftest bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
 
 all: build
 
@@ -79,10 +84,12 @@ check-leftovers:
 	@left=$$(ip netns list | awk '{print $$1}' | grep '^sl-' || true); \
 	if [ -n "$$left" ]; then echo "network namespaces left behind: $$left"; exit 1; fi
 
-# The comparison: BENCH_PROFILE=smoke|quick|default.
+# The comparison: BENCH_PROFILE=smoke|quick|default. Only the default
+# profile writes results/ (the committed report); the others write
+# target/bench-<profile>/ unless BENCH_OUT says otherwise.
 bench: bench-deps
 	$(CARGO) build --release --workspace
-	./target/release/sluice-bench --sluice ./target/release/sluice --out results
+	./target/release/sluice-bench --sluice ./target/release/sluice
 	@$(MAKE) --no-print-directory check-leftovers
 
 # Criterion micro-benchmarks of the forwarders on 127.0.0.1 (no namespace);
@@ -101,12 +108,38 @@ bench-micro-check: deps
 	  { echo "no saved micro-benchmark baseline 'main': run 'make bench-micro-baseline' first"; exit 1; }
 	$(MICRO_BENCH) -- --baseline main
 
-# The regression check: a few minutes of the check profile, compared with
-# the committed results/baseline.json; fails on a regression beyond the
-# baseline's noise, on any conntrack entry of tproxy/ebpf, error or bypass.
+# The regression check (README: "Catching a slowdown"): the sluice of
+# revision BASE [default: the commit results/baseline.json records] and the
+# working tree's, run in turns on this machine and judged figure by figure
+# (bench/src/ab.rs). Where no base can be built, it says so and compares
+# with the committed results/baseline.json instead. BENCH_CHECK_ARGS: more
+# arguments for `sluice-bench check` (e.g. --scenarios, --max-pairs).
+BASE ?=
+BENCH_CHECK_ARGS ?=
 bench-check: bench-deps
 	$(CARGO) build --release --workspace
-	./target/release/sluice-bench check --sluice ./target/release/sluice --baseline results/baseline.json
+	@if base=$$(BASE='$(BASE)' CARGO='$(CARGO)' bench/build-base); then \
+	  set -x; ./target/release/sluice-bench check --sluice ./target/release/sluice \
+	    --base-sluice "$${base#* }" --base-name "$${base%% *}" $(BENCH_CHECK_ARGS); \
+	else \
+	  set -x; ./target/release/sluice-bench check --sluice ./target/release/sluice \
+	    --baseline results/baseline.json --no-base "bench/build-base made no base build (it said why above)" $(BENCH_CHECK_ARGS); \
+	fi
+	@$(MAKE) --no-print-directory check-leftovers
+
+# The check's own error rates (README): SELFTEST_RUNS checks of each case,
+# the same sluice on both sides: unchanged (must pass), head with
+# SELFTEST_SPIN_US µs of CPU burnt per connection, head with one extra
+# syscall per connection (both must fail). Hours; not in CI. Needs sluice's
+# cargo feature bench-inject (built into target/bench-inject/).
+SELFTEST_RUNS ?= 10
+SELFTEST_SPIN_US ?= 30
+SELFTEST_CASES ?= same spin syscall
+bench-check-selftest: bench-deps
+	$(CARGO) build --release --workspace
+	CARGO_TARGET_DIR=target/bench-inject $(CARGO) build --release -p sluice --bin sluice --features bench-inject
+	RUNS='$(SELFTEST_RUNS)' SPIN_US='$(SELFTEST_SPIN_US)' CASES='$(SELFTEST_CASES)' \
+	  bench/check-selftest $(BENCH_CHECK_ARGS)
 	@$(MAKE) --no-print-directory check-leftovers
 
 # Rewrites results/baseline.json from BASELINE_RUNS runs of the check profile

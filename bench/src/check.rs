@@ -1,7 +1,12 @@
-//! The performance regression check behind `make bench-check`: the figures
-//! of a run that survive a change of machine, a committed baseline of them
-//! (`results/baseline.json`, written by `make bench-baseline`), and the
-//! comparison of a fresh run with it.
+//! The committed baseline (`results/baseline.json`, written by `make
+//! bench-baseline`): the figures of a run that survive a change of machine,
+//! and the comparison of a fresh run with them.
+//!
+//! `make bench-check` judges a change by an A/B of the base build against
+//! the head build on the same machine (`ab.rs`); it falls back to this
+//! comparison only where there is no base to build (a shallow clone, a
+//! base that no longer builds), and says so. The baseline stays the record
+//! of the last accepted figures.
 //!
 //! # Figures
 //!
@@ -10,10 +15,12 @@
 //!
 //! | figure | bad when | compared |
 //! | --- | --- | --- |
-//! | `rr p50 / direct`, `rr p90 / direct`, `rr p99 / direct` | higher | relative |
+//! | `rr p50 / direct`, `rr p90 / direct` | higher | relative |
+//! | `rr p99 / direct`, `rr p99.9 / direct` | higher | tail: only beyond 5× |
 //! | `crr rate / direct` | lower | relative |
 //! | `bulk xN rate / direct` (Gbit/s) | lower | relative |
 //! | `bulk xN cpu s per direct s` | higher | relative |
+//! | `crr work syscalls/conn`, `rr work syscalls/req` | higher | absolute |
 //! | `conntrack/conn` (concurrency load) | higher | absolute |
 //! | `rss KiB/conn` (concurrency load) | higher | absolute |
 //! | `conntrack peak`, `crr conntrack after` | not 0 | exact |
@@ -27,21 +34,20 @@
 //! meaning whenever a faster scenario is added, so the reference is direct's
 //! throughput, like every other ratio.
 //!
-//! CRR's machine CPU per connection and the interceptor's syscalls per
-//! connection (results.json, the CRR table) are not checked. The CPU figure
-//! counts every busy CPU tick of the machine, other processes' included, as
-//! bulk's machine CPU per GB does, which is not checked either: only the
-//! interceptor's own CPU is. The syscall count comes from a pass of its own
-//! that the baseline has no spread for yet; it could join once baselines
-//! show how much it moves.
+//! CRR's machine CPU per connection (results.json, the CRR table) is not
+//! checked here: it counts every busy CPU tick of the machine, other
+//! processes' included, as bulk's machine CPU per GB does; the A/B, whose
+//! two sides share the machine's other load, does judge it. The syscalls
+//! are the work ones (`perf.rs`): every syscall but the event loop's waits,
+//! exact per connection, with a floor of half a syscall.
 //!
-//! RR p90 is there because p99 alone does not guard the tail on this kind
-//! of machine: at the check's 4,000 requests/s, its p99 is set by the
-//! shared VM's scheduling stalls of 1-8 ms (direct's own p99 ranged from 0.2
-//! to 2.1 ms over the baseline runs, results/baseline.json), so the p99 ratio
-//! gets a tolerance of several hundred percent and catches only a
-//! catastrophe, while p90 stays within tens of percent. RR p99.9 is not
-//! checked at all: it rests on a few dozen samples per scenario.
+//! RR p99 and p99.9 are reported, and fail only beyond 5× the baseline's
+//! median: at the check's 4,000 requests/s they are set by the shared VM's
+//! scheduling stalls of 1-8 ms (direct's own p99 ranged from 0.2 to 2.1 ms
+//! over the baseline runs), and a limit drawn from five runs' spread failed
+//! an unchanged main on a fresh machine in every run (tproxy-splice's p99
+//! ratio, 3.33 against 3.24: issue 20). RR p90 is the tail figure that
+//! guards.
 //!
 //! Which scenarios must keep the pod's conntrack table empty comes from the
 //! interceptor, not from names: sluice with `--mode tproxy` (the default) or
@@ -68,12 +74,9 @@
 //! hundred, hence `SPREAD_FACTOR` = 2. The floors are for the noise a few
 //! baseline runs may not have met on a shared 2-core VM: 15% for medians and
 //! rates, 25% for p90 and for CPU per byte (CPU time is counted in 10 ms
-//! ticks over short loads), 50% for p99: the tail is where neighbours show, and on this VM
-//! direct's own p99 has been seen at 3× an interceptor's in the same run
-//! (results/2026-11-22-vm), so a ratio of two p99s swings far more than the
-//! issue's 15-25%; a tighter floor would make the check flaky. 0.05 conntrack
-//! entries per connection (entries of earlier connections expiring during the
-//! hold), 1 KiB of RSS per connection (allocator growth is stepwise). A
+//! ticks over short loads). 0.05 conntrack entries per connection (entries
+//! of earlier connections expiring during the hold), 1 KiB of RSS per
+//! connection (allocator growth is stepwise), half a syscall. A
 //! regression smaller than the floor is not caught by one check; it shows
 //! when it accumulates, or in `make bench`.
 //!
@@ -117,12 +120,16 @@ pub const SPREAD_FACTOR: f64 = 2.0;
 
 const RR_P50: Rule = Rule::relative(Bad::Higher, 0.15);
 const RR_P90: Rule = Rule::relative(Bad::Higher, 0.25);
-const RR_P99: Rule = Rule::relative(Bad::Higher, 0.50);
+const RR_TAIL: Rule = Rule::Tail {
+    bad: Bad::Higher,
+    factor: crate::ab::CATASTROPHE,
+};
 const CRR_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
 const BULK_RATE: Rule = Rule::relative(Bad::Lower, 0.15);
 const BULK_CPU: Rule = Rule::relative(Bad::Higher, 0.25);
 const CONNTRACK_PER_CONN: Rule = Rule::absolute(Bad::Higher, 0.05);
 const RSS_PER_CONN: Rule = Rule::absolute(Bad::Higher, 1.0);
+const SYSCALLS: Rule = Rule::absolute(Bad::Higher, 0.5);
 
 /// Which way a figure gets worse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +149,9 @@ pub enum Rule {
     Relative { bad: Bad, floor: f64 },
     /// As a difference from the baseline's median, in the figure's unit.
     Absolute { bad: Bad, floor: f64 },
+    /// Reported; fails only when worse than the baseline's median by
+    /// `factor` (a catastrophe), whatever the baseline's spread.
+    Tail { bad: Bad, factor: f64 },
 }
 
 impl Rule {
@@ -159,6 +169,7 @@ impl Rule {
             Rule::Zero => 0.0,
             Rule::Relative { floor, .. } => floor.max(SPREAD_FACTOR * (max - min) / median),
             Rule::Absolute { floor, .. } => floor.max(SPREAD_FACTOR * (max - min)),
+            Rule::Tail { factor, .. } => factor - 1.0,
         }
     }
 }
@@ -241,7 +252,14 @@ fn scenario_figures(s: &ScenarioResult, direct: Option<&ScenarioResult>) -> Vec<
         let (p, dp) = (&r.latency, &dr.latency);
         out.extend(ratio(name, "rr p50 / direct", p.p50_us, dp.p50_us, RR_P50));
         out.extend(ratio(name, "rr p90 / direct", p.p90_us, dp.p90_us, RR_P90));
-        out.extend(ratio(name, "rr p99 / direct", p.p99_us, dp.p99_us, RR_P99));
+        out.extend(ratio(name, "rr p99 / direct", p.p99_us, dp.p99_us, RR_TAIL));
+        out.extend(ratio(
+            name,
+            "rr p99.9 / direct",
+            p.p999_us,
+            dp.p999_us,
+            RR_TAIL,
+        ));
     }
     if let (Some(r), Some(dr)) = (
         report(l.crr.as_ref()),
@@ -271,6 +289,15 @@ fn scenario_figures(s: &ScenarioResult, direct: Option<&ScenarioResult>) -> Vec<
     }
     if let Some(h) = report(l.concurrency.as_ref()) {
         out.extend(hold_figures(name, &s.interceptor, h));
+    }
+    let syscalls = [
+        ("crr work syscalls/conn", &l.crr_syscalls),
+        ("rr work syscalls/req", &l.rr_syscalls),
+    ];
+    for (figure, counted) in syscalls {
+        if let Some(work) = counted.as_ref().and_then(|c| c.work_per_connection) {
+            out.push(Measured::new(name, figure, work, SYSCALLS));
+        }
     }
     if keeps_conntrack_empty(&s.interceptor) {
         if let Some(after) = report(l.crr.as_ref()).and_then(|c| c.conntrack_after) {
@@ -417,7 +444,7 @@ impl Baseline {
             let median = median(&values);
             let min = values.iter().copied().fold(f64::INFINITY, f64::min);
             let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            if matches!(m.rule, Rule::Relative { .. }) && median <= 0.0 {
+            if matches!(m.rule, Rule::Relative { .. } | Rule::Tail { .. }) && median <= 0.0 {
                 problems.push(format!(
                     "{} {}: median {median}, a ratio must be positive",
                     m.scenario, m.figure
@@ -590,7 +617,9 @@ pub fn best_of(runs: &[Vec<Measured>]) -> Vec<Measured> {
                 let other = run.iter().find(|x| x.key() == m.key())?.value;
                 best.value = match m.rule {
                     Rule::Zero => best.value.max(other),
-                    Rule::Relative { bad, .. } | Rule::Absolute { bad, .. } => match bad {
+                    Rule::Relative { bad, .. }
+                    | Rule::Absolute { bad, .. }
+                    | Rule::Tail { bad, .. } => match bad {
                         Bad::Higher => best.value.min(other),
                         Bad::Lower => best.value.max(other),
                     },
@@ -613,6 +642,9 @@ pub fn compare(baseline: &Baseline, now: &[Measured]) -> Comparison {
             (Rule::Zero, _) if m.value != 0.0 => Verdict::Regression,
             (Rule::Zero, _) => Verdict::Ok,
             (_, None) => Verdict::New,
+            // A tail figure is judged as this sluice-bench says, also against
+            // a baseline written when it had a spread-based tolerance.
+            (Rule::Tail { bad, factor }, Some(b)) => judge_tail(b.median, m.value, bad, factor),
             (_, Some(b)) => judge(b, m.value),
         };
         rows.push(Row {
@@ -642,12 +674,26 @@ pub fn compare(baseline: &Baseline, now: &[Measured]) -> Comparison {
     Comparison { rows }
 }
 
+/// A tail figure: a regression only beyond `factor` times the median.
+fn judge_tail(median: f64, now: f64, bad: Bad, factor: f64) -> Verdict {
+    let worse = match bad {
+        Bad::Higher => now / median,
+        Bad::Lower => median / now,
+    };
+    if worse > factor || worse.is_nan() {
+        Verdict::Regression
+    } else {
+        Verdict::Ok
+    }
+}
+
 /// One figure against its baseline, with the baseline's tolerance.
 fn judge(b: &BaselineFigure, now: f64) -> Verdict {
     // How much worse than the median: a factor for relative figures, a
     // difference for absolute ones; below 1 (resp. 0) it is better.
     let (worse, limit, better) = match b.rule {
         Rule::Zero => return Verdict::Ok,
+        Rule::Tail { bad, factor } => return judge_tail(b.median, now, bad, factor),
         Rule::Relative { bad, .. } => {
             let factor = match bad {
                 Bad::Higher => now / b.median,
@@ -718,7 +764,7 @@ pub fn table(c: &Comparison) -> String {
         let now = r.now.map_or("—".into(), number);
         let change = match (&r.baseline, r.now, r.rule) {
             (_, Some(now), Rule::Zero) => format!("{now:+}"),
-            (Some(b), Some(now), Rule::Relative { .. }) => {
+            (Some(b), Some(now), Rule::Relative { .. } | Rule::Tail { .. }) => {
                 format!("{:+.1}%", (now / b.median - 1.0) * 100.0)
             }
             (Some(b), Some(now), Rule::Absolute { .. }) => {
@@ -807,6 +853,20 @@ fn limit(b: &BaselineFigure, rule: Rule) -> String {
             number(b.median - b.tolerance),
             number(b.tolerance)
         ),
+        Rule::Tail {
+            bad: Bad::Higher,
+            factor,
+        } => format!(
+            "≤ {} ({factor}×, not gated below)",
+            number(b.median * factor)
+        ),
+        Rule::Tail {
+            bad: Bad::Lower,
+            factor,
+        } => format!(
+            "≥ {} (1/{factor}, not gated above)",
+            number(b.median / factor)
+        ),
     }
 }
 
@@ -833,6 +893,7 @@ pub fn summary(b: &Baseline) -> String {
             Rule::Zero => "exact".into(),
             Rule::Relative { .. } => format!("{:.0}%", f.tolerance * 100.0),
             Rule::Absolute { .. } => number(f.tolerance),
+            Rule::Tail { factor, .. } => format!("{factor}×"),
         };
         let values: Vec<String> = f.values.iter().map(|v| number(*v)).collect();
         let _ = writeln!(
@@ -944,6 +1005,47 @@ mod tests {
             Verdict::Regression,
             "{}",
             table(&c)
+        );
+    }
+
+    #[test]
+    fn tail_latency_fails_only_beyond_five_times_the_baseline() {
+        let p99 = |v: f64| vec![m("tproxy-splice", "rr p99 / direct", v, RR_TAIL)];
+        // An old baseline: its p99 figure had a spread-based tolerance that
+        // issue 20's unchanged main exceeded (3.33 against a limit of 3.24).
+        let mut b = Baseline::from_runs(
+            &[p99(2.0), p99(2.1), p99(2.2)],
+            machine(),
+            ProfileName::Check,
+        )
+        .unwrap();
+        for f in &mut b.figures {
+            f.rule = Rule::relative(Bad::Higher, 0.50);
+            f.tolerance = 0.54;
+        }
+        let c = compare(&b, &p99(3.33));
+        assert_eq!(
+            verdict(&c, "tproxy-splice", "rr p99 / direct"),
+            Verdict::Ok,
+            "{}",
+            table(&c)
+        );
+        // 5× the median 2.1 is 10.5: just within, then just beyond.
+        let c = compare(&b, &p99(10.4));
+        assert!(c.passed(), "{}", table(&c));
+        let c = compare(&b, &p99(10.6));
+        assert_eq!(
+            verdict(&c, "tproxy-splice", "rr p99 / direct"),
+            Verdict::Regression
+        );
+        // A baseline written now keeps the tail rule, and says so.
+        let fresh = Baseline::from_runs(&[p99(2.0)], machine(), ProfileName::Check).unwrap();
+        assert_eq!(fresh.figures[0].rule, RR_TAIL);
+        assert!(summary(&fresh).contains("5×"), "{}", summary(&fresh));
+        assert!(table(&compare(&fresh, &p99(3.0))).contains("≤ 10.0 (5×"));
+        assert_eq!(
+            judge_tail(2.0, f64::NAN, Bad::Higher, 5.0),
+            Verdict::Regression
         );
     }
 

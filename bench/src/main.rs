@@ -12,6 +12,7 @@
 //! `baseline` makes one from several runs (see `check.rs`). Their runs go
 //! under `--work` (in target/), never over the committed results.
 
+mod ab;
 mod check;
 mod load;
 mod machine;
@@ -22,6 +23,7 @@ mod profile;
 mod report;
 mod run;
 mod scenario;
+mod stats;
 mod sysload;
 mod workload;
 
@@ -35,6 +37,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::check::Baseline;
+use crate::load::redis;
 use crate::machine::Machine;
 use crate::profile::{LoadKind, Profile, ProfileName};
 use crate::scenario::{Interceptor, Patience, Scenario, Tools};
@@ -65,7 +68,7 @@ enum Command {
 }
 
 /// What every run needs: the binaries and the scenarios.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct Setup {
     /// The sluice binary to benchmark.
     #[arg(long, default_value = "target/release/sluice")]
@@ -97,15 +100,17 @@ struct Setup {
 struct BenchArgs {
     #[command(flatten)]
     setup: Setup,
-    /// Where README.md and the run's directory go.
-    #[arg(long, default_value = "results")]
-    out: PathBuf,
+    /// Where README.md and the run's directory go [default: results for
+    /// the default profile, target/bench-PROFILE for the others: a short
+    /// run must not replace the committed report].
+    #[arg(long, env = "BENCH_OUT")]
+    out: Option<PathBuf>,
     /// How long and how big: smoke (seconds), quick (~4 min), default (~20
     /// min), check (what `make bench-check` runs).
     #[arg(long, env = "BENCH_PROFILE", value_enum, default_value = "default")]
     profile: ProfileName,
     /// Loads to run, comma-separated [default: all]: concurrency, rr, bulk, crr,
-    /// exhaustion.
+    /// redis, exhaustion.
     #[arg(long, value_delimiter = ',', value_enum)]
     loads: Vec<LoadKind>,
 }
@@ -124,6 +129,26 @@ struct CheckArgs {
     /// tolerance: a figure fails only if every run is beyond it.
     #[arg(long, default_value_t = 2)]
     confirm: usize,
+    /// The base build's sluice: judge head against it, the two run in turns
+    /// on this machine (see ab.rs); without it, against --baseline.
+    #[arg(long)]
+    base_sluice: Option<PathBuf>,
+    /// What the base build is (its commit), for the log.
+    #[arg(long, default_value = "base")]
+    base_name: String,
+    /// Why there is no base build, for the log (`make bench-check` says).
+    #[arg(long)]
+    no_base: Option<String>,
+    /// A/B: timed pairs (a run of each build) at least; 4 or more.
+    #[arg(long, default_value_t = ab::MIN_PAIRS)]
+    min_pairs: usize,
+    /// A/B: timed pairs at most, while figures are undecided.
+    #[arg(long, default_value_t = ab::MAX_PAIRS)]
+    max_pairs: usize,
+    /// A/B: minutes of timed pairs after which no further pair starts
+    /// (the minimum always runs).
+    #[arg(long, default_value_t = ab::BUDGET_MINUTES)]
+    budget_minutes: f64,
 }
 
 #[derive(Debug, Args)]
@@ -234,15 +259,14 @@ fn bench(args: BenchArgs) -> Result<bool> {
         profile.loads.retain(|l| args.loads.contains(l));
     }
     let scenarios = select(&args.setup.scenarios, &args.setup.custom)?;
+    let out = args.out.unwrap_or_else(|| default_out(args.profile));
     let run = measure(&args.setup, profile, scenarios)?;
-    let run_dir = args
-        .out
-        .join(format!("{}-{}", run.machine.day(), run.machine.hostname));
-    report::write(&run, &args.out, &run_dir)?;
+    let run_dir = out.join(format!("{}-{}", run.machine.day(), run.machine.hostname));
+    report::write(&run, &out, &run_dir)?;
     eprintln!(
         "sluice-bench: {:.0} s; wrote {} and {}",
         run.elapsed_s,
-        args.out.join("README.md").display(),
+        out.join("README.md").display(),
         run_dir.display()
     );
     let problems = run.problems();
@@ -252,8 +276,28 @@ fn bench(args: BenchArgs) -> Result<bool> {
     Ok(problems.is_empty())
 }
 
+/// Where `make bench` writes when not told: only the default profile's run
+/// is the committed report; a short profile's goes under target/.
+fn default_out(profile: ProfileName) -> PathBuf {
+    match profile {
+        ProfileName::Default => PathBuf::from("results"),
+        other => PathBuf::from(format!("target/bench-{other}")),
+    }
+}
+
 /// `make bench-check`: Ok(false) on a regression or a missing figure.
 fn check(args: CheckArgs) -> Result<bool> {
+    if let Some(base) = args.base_sluice.clone() {
+        return ab_check(args, base);
+    }
+    if let Some(why) = &args.no_base {
+        eprintln!("sluice-bench: NO A/B: {why}");
+    }
+    eprintln!(
+        "sluice-bench: no base build to compare with: judging against the committed baseline \
+         {} instead (another machine's and day's figures; see README)",
+        args.baseline.display()
+    );
     let text = match std::fs::read_to_string(&args.baseline) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -341,6 +385,100 @@ fn check(args: CheckArgs) -> Result<bool> {
     Ok(comparison.passed())
 }
 
+/// `make bench-check` with a base build: the A/B of `ab.rs`. Ok(false) on
+/// a regression, a missing figure or a problem in a head run.
+fn ab_check(args: CheckArgs, base: PathBuf) -> Result<bool> {
+    if stats::moses_rank(args.min_pairs, args.min_pairs, ab::ALPHA) == 0 {
+        bail!(
+            "--min-pairs {}: too few runs for a 95% interval (4 at least)",
+            args.min_pairs
+        );
+    }
+    let plan = ab::Plan {
+        min_pairs: args.min_pairs,
+        max_pairs: args.max_pairs.max(args.min_pairs),
+        budget: Duration::try_from_secs_f64(args.budget_minutes * 60.0)
+            .context("--budget-minutes")?,
+    };
+    let scenarios = select(&check_scenarios(&args.setup), &args.setup.custom)?;
+    let head = args.setup.clone();
+    let base = Setup {
+        sluice: base,
+        ..args.setup.clone()
+    };
+    eprintln!(
+        "sluice-bench: A/B: head {} against base {} ({}), in turns on this machine; \
+         {}-{} timed pairs",
+        head.sluice.display(),
+        base.sluice.display(),
+        args.base_name,
+        plan.min_pairs,
+        plan.max_pairs
+    );
+    let dir = args.work.join("ab");
+    if dir.exists() {
+        // Only this check's runs: a table must not mix in an earlier one's.
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let mut index = 0;
+    let mut head_problems = Vec::new();
+    let mut base_problems = 0;
+    let outcome = ab::run(&plan, |side, pass| {
+        index += 1;
+        eprintln!("sluice-bench: A/B run {index}: {side}, {pass}");
+        let setup = match side {
+            ab::Side::Base => &base,
+            ab::Side::Head => &head,
+        };
+        let run = measure(setup, ab::profile(pass), scenarios.clone())?;
+        let run_dir = dir.join(format!("{index:02}-{side}-{pass}"));
+        report::write(&run, &run_dir, &run_dir)?;
+        for p in run.problems() {
+            eprintln!("sluice-bench: PROBLEM in {side} run {index}: {p}");
+            match side {
+                ab::Side::Head => head_problems.push(format!("run {index}: {p}")),
+                ab::Side::Base => base_problems += 1,
+            }
+        }
+        Ok(ab::figures(&run, pass))
+    })?;
+    print!("{}", ab::table(&outcome));
+    let json = serde_json::to_string_pretty(&outcome).context("serialising the A/B")?;
+    write_file(&dir.join("ab.json"), &(json + "\n"))?;
+    let what = format!("{}; runs in {}", ab::summary(&outcome), dir.display());
+    if base_problems > 0 {
+        // A base that could not run a scenario (a flag it does not know yet)
+        // leaves head's figures there without a reference: shown as new.
+        println!(
+            "bench-check: NOTE: the base runs had {base_problems} problems (PROBLEM lines \
+             above); a figure base lacks is shown as new and not judged"
+        );
+    }
+    let passed = outcome.passed() && head_problems.is_empty();
+    if passed {
+        println!("bench-check: PASS against {}: {what}", args.base_name);
+        if outcome.undecided() > 0 {
+            println!(
+                "bench-check: {} time figures undecided: the machine was too noisy to tell a \
+                 change of their threshold in them (their intervals are in the table)",
+                outcome.undecided()
+            );
+        }
+    } else {
+        for p in &head_problems {
+            println!("bench-check: head run problem: {p}");
+        }
+        println!(
+            "bench-check: FAIL against {}: {} figures regressed or missing, {} head run \
+             problems ({what})",
+            args.base_name,
+            outcome.failures(),
+            head_problems.len()
+        );
+    }
+    Ok(passed)
+}
+
 /// How much of the run other processes disturbed, when any did: a
 /// regression seen then may be theirs.
 fn disturbance(run: &report::Run) -> Option<String> {
@@ -353,7 +491,8 @@ fn disturbance(run: &report::Run) -> Option<String> {
             l.rr.iter()
                 .flat_map(|x| &x.rounds)
                 .chain(l.bulk.iter().flat_map(|x| &x.rounds))
-                .chain(l.crr.iter().flat_map(|x| &x.rounds));
+                .chain(l.crr.iter().flat_map(|x| &x.rounds))
+                .chain(l.redis.iter().flat_map(|x| &x.rounds));
         for r in rounds {
             all += 1;
             if r.interference.disturbed() {
@@ -599,6 +738,7 @@ fn measure(setup: &Setup, mut profile: Profile, scenarios: Vec<Scenario>) -> Res
         fd_limit,
         notes,
         wait_budget_left_s: tools.patience.left().as_secs_f64(),
+        redis: tools.redis.as_ref().and_then(|r| r.version.clone()),
         elapsed_s: start.elapsed().as_secs_f64(),
         scenarios: results,
     })
@@ -617,6 +757,12 @@ fn tools(setup: &Setup, profile: &Profile) -> Result<(Tools, Machine)> {
         None => scenario::find_program("haproxy"),
     };
     let machine = Machine::describe(haproxy.as_deref());
+    // Found before anything is measured: a run that would fail its redis
+    // load at the end says so at once.
+    let redis = profile
+        .runs(LoadKind::Redis)
+        .then(redis::Programs::find)
+        .transpose()?;
     let tools = Tools {
         sluice: std::fs::canonicalize(&setup.sluice)
             .with_context(|| format!("resolving {}", setup.sluice.display()))?,
@@ -626,6 +772,7 @@ fn tools(setup: &Setup, profile: &Profile) -> Result<(Tools, Machine)> {
         perf: perf::tool("perf"),
         scratch: std::env::temp_dir(),
         patience: Patience::new(profile.wait_budget),
+        redis,
     };
     Ok((tools, machine))
 }
@@ -689,4 +836,19 @@ fn conntrack_max() -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_default_profile_writes_the_committed_report() {
+        assert_eq!(default_out(ProfileName::Default), PathBuf::from("results"));
+        for short in [ProfileName::Smoke, ProfileName::Quick, ProfileName::Check] {
+            let out = default_out(short);
+            assert!(out.starts_with("target"), "{short}: {}", out.display());
+            assert!(out.to_string_lossy().ends_with(&short.to_string()));
+        }
+    }
 }

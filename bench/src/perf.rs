@@ -22,6 +22,31 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 const SYSCALL_EVENT: &str = "raw_syscalls:sys_enter";
+/// The syscalls an event loop makes to wait or to wake another thread: how
+/// many it makes per connection depends on how events happen to batch (how
+/// busy the machine is, how the threads interleave), not on the code's
+/// work. The others (socket, setsockopt, getsockname, close, ...) are the
+/// same for every connection: their count per connection is exact.
+const WAIT_SYSCALLS: [&str; 16] = [
+    "io_uring_enter",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "futex",
+    "futex_wait",
+    "futex_wake",
+    "futex_waitv",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "nanosleep",
+    "clock_nanosleep",
+    "sched_yield",
+    "rt_sigtimedwait",
+];
+/// Where the kernel lists the syscall tracepoints perf can count.
+const SYSCALL_TRACEPOINTS: &str = "/sys/kernel/tracing/events/syscalls";
 /// perf and strace print nothing when they have attached, and a SIGINT
 /// before they have set up ends them without a word: the load starts once
 /// the kernel shows them attached, within this.
@@ -40,6 +65,11 @@ pub struct Syscalls {
     pub duration_s: f64,
     pub syscalls: Option<u64>,
     pub per_connection: Option<f64>,
+    /// Of `syscalls`, those of [`WAIT_SYSCALLS`]; None when the kernel has
+    /// no tracepoints to count them by.
+    pub waits: Option<u64>,
+    /// The others, per connection: exact, whatever the timing.
+    pub work_per_connection: Option<f64>,
     /// Why there is no count.
     pub error: Option<String>,
 }
@@ -174,22 +204,37 @@ pub fn count_syscalls(
         duration_s: 0.0,
         syscalls: None,
         per_connection: None,
+        waits: None,
+        work_per_connection: None,
         error: None,
     };
+    let waits = wait_events();
     let outcome = (|| -> Result<()> {
         let mut command = Command::new(perf);
+        let events = std::iter::once(SYSCALL_EVENT.to_string())
+            .chain(waits.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",");
         command
-            .args(["stat", "-x", ",", "-e", SYSCALL_EVENT, "-p"])
+            .args(["stat", "-x", ",", "-e", &events, "-p"])
             .arg(pid.to_string());
         let attached = Attached::start(command, Attach::PerfEvents)?;
         let (connections, duration_s) = load()?;
         counted.connections = connections;
         counted.duration_s = duration_s;
         let stderr = attached.stop()?;
-        let n = parse_perf_count(&stderr)
+        let n = parse_perf_count(&stderr, SYSCALL_EVENT)
             .ok_or_else(|| anyhow!("no {SYSCALL_EVENT} count from perf: {}", stderr.trim()))?;
         counted.syscalls = Some(n);
         counted.per_connection = (connections > 0).then(|| n as f64 / connections as f64);
+        let wait_counts: Option<Vec<u64>> = waits
+            .iter()
+            .map(|event| parse_perf_count(&stderr, event))
+            .collect();
+        counted.waits = wait_counts
+            .filter(|_| !waits.is_empty())
+            .map(|c| c.iter().sum());
+        counted.work_per_connection = work_per_connection(n, counted.waits, connections);
         Ok(())
     })();
     if let Err(e) = outcome {
@@ -198,14 +243,37 @@ pub fn count_syscalls(
     counted
 }
 
-/// The count of `perf stat -x ,`: `12345,,raw_syscalls:sys_enter,...`; None
-/// for `<not counted>` or `<not supported>`.
-fn parse_perf_count(stderr: &str) -> Option<u64> {
+/// The tracepoints of [`WAIT_SYSCALLS`] this kernel has; empty when it has
+/// no syscall tracepoints (then no wait is counted, and no work count made).
+fn wait_events() -> Vec<String> {
+    WAIT_SYSCALLS
+        .iter()
+        .filter(|name| {
+            Path::new(SYSCALL_TRACEPOINTS)
+                .join(format!("sys_enter_{name}"))
+                .is_dir()
+        })
+        .map(|name| format!("syscalls:sys_enter_{name}"))
+        .collect()
+}
+
+/// The syscalls that are not waits, per connection; None without a wait
+/// count, without a connection, or when the counts disagree (more waits
+/// than syscalls: the events were not counted over the same time).
+fn work_per_connection(syscalls: u64, waits: Option<u64>, connections: u64) -> Option<f64> {
+    let work = syscalls.checked_sub(waits?)?;
+    (connections > 0).then(|| work as f64 / connections as f64)
+}
+
+/// The count of `event` in the output of `perf stat -x ,`:
+/// `12345,,raw_syscalls:sys_enter,...`; None for `<not counted>` or
+/// `<not supported>`, or no line of that event.
+fn parse_perf_count(stderr: &str, event: &str) -> Option<u64> {
     stderr
         .lines()
-        .find(|l| l.contains(SYSCALL_EVENT))?
-        .split(',')
-        .next()?
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|fields| fields.get(2).is_some_and(|f| f.trim() == event))?
+        .first()?
         .trim()
         .parse()
         .ok()
@@ -301,10 +369,27 @@ mod tests {
 
     #[test]
     fn perf_stat_csv() {
-        let text = "123456,,raw_syscalls:sys_enter,2003817245,100.00,,\n";
-        assert_eq!(parse_perf_count(text), Some(123456));
+        let text = "123456,,raw_syscalls:sys_enter,2003817245,100.00,,\n\
+                    300,,syscalls:sys_enter_futex_wait,2003817245,100.00,,\n\
+                    4000,,syscalls:sys_enter_futex,2003817245,100.00,,\n";
+        assert_eq!(parse_perf_count(text, SYSCALL_EVENT), Some(123456));
+        // The exact event, not one whose name starts with it.
+        assert_eq!(
+            parse_perf_count(text, "syscalls:sys_enter_futex"),
+            Some(4000)
+        );
+        assert_eq!(parse_perf_count(text, "syscalls:sys_enter_poll"), None);
         let none = "<not counted>,,raw_syscalls:sys_enter,0,100.00,,\n";
-        assert_eq!(parse_perf_count(none), None);
+        assert_eq!(parse_perf_count(none, SYSCALL_EVENT), None);
+    }
+
+    #[test]
+    fn work_is_what_is_not_waiting() {
+        assert_eq!(work_per_connection(1650, Some(350), 100), Some(13.0));
+        assert_eq!(work_per_connection(1650, None, 100), None);
+        assert_eq!(work_per_connection(1650, Some(350), 0), None);
+        // Waits counted over a longer time than the total: no figure.
+        assert_eq!(work_per_connection(100, Some(350), 10), None);
     }
 
     #[test]

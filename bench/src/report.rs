@@ -32,6 +32,8 @@ pub struct Run {
     pub notes: Vec<String>,
     /// What was left of the profile's waiting/repeating budget at the end.
     pub wait_budget_left_s: f64,
+    /// `redis-server --version`, when the redis load ran.
+    pub redis: Option<String>,
     pub elapsed_s: f64,
     pub scenarios: Vec<ScenarioResult>,
 }
@@ -93,9 +95,21 @@ impl Run {
             if let Some(x) = &l.crr {
                 check("crr", &x.error, x.bypassed(direct));
             }
+            let mut printed = Vec::new();
+            for (i, x) in l.redis.iter().enumerate() {
+                let params = self.profile.redis.get(i);
+                let load = params.map_or("redis", crate::load::redis::Params::label);
+                check(load, &x.error, x.bypassed(direct));
+                // Problems redis-benchmark printed and went on past.
+                let n = x.report.as_ref().map_or(0, |r| r.errors.total());
+                if n > 0 {
+                    printed.push(format!("{} {load}: {n} errors", s.name));
+                }
+            }
             if let Some(x) = &l.exhaustion {
                 check("exhaustion", &x.error, x.bypassed(direct));
             }
+            problems.extend(printed);
         }
         problems
     }
@@ -394,8 +408,13 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
         let how = match (&s.interceptor, &s.skipped) {
             (_, Some(why)) => format!("{how} — skipped: {why}"),
             (Interceptor::Haproxy, None) => format!(
-                "{how}, behind `sluice rules install --mode tproxy --ports 9080` with \
-                 `tcp_fwmark_accept` turned back off (configuration below)"
+                "{how}, behind `sluice rules install --mode tproxy --ports {}` with \
+                 `tcp_fwmark_accept` turned back off (configuration below)",
+                if run.profile.runs(LoadKind::Redis) {
+                    "9080,6379"
+                } else {
+                    "9080"
+                }
             ),
             _ => how,
         };
@@ -477,6 +496,9 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
     }
     if runs(LoadKind::Bulk) {
         bulk_table(&mut md, run, direct);
+    }
+    if runs(LoadKind::Redis) {
+        redis_table(&mut md, run, direct);
     }
     if runs(LoadKind::Concurrency) {
         concurrency_table(&mut md, run, direct, rel, plots);
@@ -826,6 +848,97 @@ fn bulk_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
                 others(loaded),
             );
         }
+    }
+    md.push('\n');
+}
+
+fn redis_table(md: &mut String, run: &Run, direct: Option<&ScenarioResult>) {
+    let p = &run.profile.redis;
+    let _ = writeln!(md, "## Redis: a real client\n");
+    let runs: Vec<String> = p
+        .iter()
+        .map(|r| {
+            format!(
+                "{} (`-c {} -k {} -n {}`)",
+                r.connections(),
+                r.clients,
+                u8::from(r.keepalive),
+                r.requests
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "{} (Debian's) in the pod namespace on port {port}, intercepted like 9080 (HAProxy: a backend \
+         chosen by the original destination port), no persistence; `redis-benchmark -t {test} \
+         --csv` in the client namespace against {pod}:{port}, connections {}; {}. Requests/s \
+         and p50 are \
+         redis-benchmark's own (p50: the median of the rounds'). redis-benchmark stops at its \
+         first connection error: such a run is a failure, not a figure; a run that outlives \
+         its {} is killed and failed too. Connections are those redis accepted (`INFO stats`); \
+         which way they came is counted in the pod namespace, where a connection through an \
+         interceptor is accepted twice (TCP `PassiveOpens`), one that bypassed it once. The \
+         client's ephemeral ports span 1024-65535, as behind a NAT gateway or kube-proxy.\n",
+        run.redis
+            .as_deref()
+            .map_or("redis-server".into(), |v| format!("redis-server {v}")),
+        runs.join(" and "),
+        match run.profile.rounds {
+            0 | 1 => "once".to_string(),
+            n => format!("{n} rounds, the scenarios taking turns"),
+        },
+        p.first()
+            .map_or("deadline".into(), |r| format!("{} deadline", secs(r.limit))),
+        port = crate::load::redis::PORT,
+        test = crate::load::redis::TEST,
+        pod = netlab::ClientPod::POD_V4,
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | connections | requests/s | vs direct | p50 ms | p50 vs direct | requests | redis connections | errors | bypassed | others / steal |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (index, params) in p.iter().enumerate() {
+        let d = direct.and_then(|s| s.loads.redis.get(index)?.report.as_ref());
+        for s in run.matrix() {
+            let loaded = s.loads.redis.get(index);
+            let Some(r) = loaded.and_then(|l| l.report.as_ref()) else {
+                let row = missing_row(s, loaded.and_then(|l| l.error.as_deref()), 11);
+                // The same row, with the connections in front of why.
+                let name = format!("| {} |", name_cell(s));
+                let row = row.replacen(&name, &format!("{name} {} |", params.connections()), 1);
+                md.push_str(&row);
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                name_cell(s),
+                params.connections(),
+                r.rps,
+                ratio(Some(r.rps), d.map(|d| d.rps)),
+                opt(r.p50_ms, |p| format!("{p:.3}")),
+                ratio(r.p50_ms, d.and_then(|d| d.p50_ms)),
+                r.requests,
+                r.connections,
+                errors(r.errors.total(), loaded),
+                loaded.map_or("—".into(), |x| bypassed(s, x)),
+                others(loaded),
+            );
+        }
+    }
+    let with_errors: Vec<String> = run
+        .matrix()
+        .flat_map(|s| {
+            s.loads.redis.iter().filter_map(|l| {
+                let r = l.report.as_ref()?;
+                (r.errors.total() > 0)
+                    .then(|| format!("{} {}: {:?}", s.name, r.params.label(), r.errors.0))
+            })
+        })
+        .collect();
+    if !with_errors.is_empty() {
+        let _ = writeln!(md, "\nErrors by kind: {}.", with_errors.join("; "));
     }
     md.push('\n');
 }

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use netlab::{ClientPod, Netns};
 use serde::Serialize;
 
-use crate::load::{bulk, crr, exhaust, hold, rr, Errors};
+use crate::load::{bulk, crr, exhaust, hold, redis, rr, Errors};
 use crate::perf::{self, Syscalls, Traced};
 use crate::profile::{LoadKind, Profile};
 use crate::scenario::{
@@ -72,6 +72,8 @@ pub struct Loads {
     pub crr_syscalls: Option<Syscalls>,
     /// The same over an RR pass, per request.
     pub rr_syscalls: Option<Syscalls>,
+    /// redis-benchmark, one entry per run of the profile's `redis`.
+    pub redis: Vec<Loaded<redis::Report>>,
     pub exhaustion: Option<Loaded<exhaust::Report>>,
 }
 
@@ -106,6 +108,24 @@ pub struct Discarded {
 pub trait Figures: Sized {
     fn error_count(&self) -> u64;
     fn merge(&mut self, other: Self) -> Result<()>;
+    /// Connections the load counted itself, for a server other than the
+    /// echo workload (which counts its own).
+    fn peers(&self) -> Option<Peers> {
+        None
+    }
+}
+
+impl Figures for redis::Report {
+    fn error_count(&self) -> u64 {
+        self.errors.total()
+    }
+    fn merge(&mut self, other: Self) -> Result<()> {
+        redis::Report::merge(self, other);
+        Ok(())
+    }
+    fn peers(&self) -> Option<Peers> {
+        Some(self.peers)
+    }
 }
 
 impl Figures for rr::Report {
@@ -359,6 +379,21 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             |loads, l| loads.crr = Some(l),
         );
     }
+    if profile.runs(LoadKind::Redis) {
+        // After CRR, for the same reason: -k 0 leaves TIME_WAIT behind.
+        for params in &profile.redis {
+            let redis = |l: &Live| l.redis(*params);
+            interleaved(
+                &mut lives,
+                &mut results,
+                profile,
+                (LoadKind::Redis, params.label()),
+                redis,
+                |l, label, x| l.say_redis(label, x),
+                |loads, l| loads.redis.push(l),
+            );
+        }
+    }
     syscall_pass(&lives, &mut results, tools, profile);
     if profile.runs(LoadKind::Exhaustion) {
         // Untimed (counts), so one pass, scenario by scenario.
@@ -412,6 +447,9 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
 /// tracepoint costs the interceptor a little on every syscall, which the
 /// timed rounds must not pay.
 fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, profile: &Profile) {
+    if !profile.syscalls {
+        return;
+    }
     let crr = crr::Params {
         clients: profile.crr.clients,
         duration: profile.crr.duration.min(SYSCALL_PASS),
@@ -430,6 +468,8 @@ fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, p
                     duration_s: 0.0,
                     syscalls: None,
                     per_connection: None,
+                    waits: None,
+                    work_per_connection: None,
                     error: Some(
                         "perf is not installed (make bench-deps installs linux-perf)".into(),
                     ),
@@ -439,9 +479,11 @@ fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, p
             if let Some(c) = &counted {
                 let what = match (c.per_connection, &c.error) {
                     (Some(per), _) => format!(
-                        "{per:.1} interceptor syscalls per {unit} ({} over {} {unit}s)",
+                        "{per:.1} interceptor syscalls per {unit} ({} over {} {unit}s){}",
                         c.syscalls.unwrap_or(0),
-                        c.connections
+                        c.connections,
+                        c.work_per_connection
+                            .map_or(String::new(), |w| format!(", {w:.2} besides waiting"))
                     ),
                     (None, Some(e)) => format!("not counted: {e}"),
                     (None, None) => format!("not counted: no {unit} completed"),
@@ -525,6 +567,11 @@ fn interleaved<T: Figures>(
     }
 }
 
+/// Where the redis load connects: redis's port on the pod's address.
+fn redis_target() -> SocketAddr {
+    SocketAddr::from((ClientPod::POD_V4, redis::PORT))
+}
+
 /// Namespace names are limited; the purpose keeps the scenario recognisable.
 fn short(name: &str) -> String {
     name.chars().take(16).collect()
@@ -533,14 +580,14 @@ fn short(name: &str) -> String {
 /// The client side must not be the limit: a wide ephemeral port range and
 /// reuse of its own TIME_WAIT ports (CRR makes ~10,000 connections a second;
 /// the default range of 28,000 ports would run dry within seconds without
-/// reuse). The range stays above sluice's default `--upstream-ports`
-/// (1024-32767), as sluice asks of clients: its connections to the workload
-/// come from the client's address, and one from a port a client connection
-/// also holds meets that connection's conntrack entry (redirect) or socket
-/// and times out. The pod namespace, where the interceptor lives, keeps the
-/// kernel defaults.
+/// reuse). The range is 1024-65535, as clients behind a NAT gateway or
+/// kube-proxy's masquerade use: their ports overlap those of sluice's own
+/// connections to the workload, which come from the client's address, and
+/// the benchmark must meet what such clients meet (a connection of sluice's
+/// on the mirror image of a client's fails). The pod namespace, where the
+/// interceptor lives, keeps the kernel defaults.
 fn tune_client(client: &Netns) -> Result<()> {
-    client.sysctl_set("net.ipv4.ip_local_port_range", "32768 65535")?;
+    client.sysctl_set("net.ipv4.ip_local_port_range", "1024 65535")?;
     client.sysctl_set("net.ipv4.tcp_tw_reuse", "1")?;
     Ok(())
 }
@@ -550,6 +597,8 @@ fn tune_client(client: &Netns) -> Result<()> {
 struct Live<'a> {
     proxy: Option<Proxy>,
     workload: Workload,
+    /// redis-server, when this scenario runs the redis load.
+    redis: Option<redis::Server>,
     topology: ClientPod,
     index: usize,
     name: String,
@@ -569,7 +618,24 @@ impl<'a> Live<'a> {
         tune_client(&topology.client)?;
         let address = SocketAddr::from((ClientPod::POD_V4, PORT));
         let workload = Workload::start(&topology.pod, address, Duration::ZERO)?;
+        let redis = match &tools.redis {
+            Some(programs) if scenario.has_redis(tools) => {
+                let tag = format!("{}-{index}", std::process::id());
+                Some(redis::Server::start(
+                    &topology.pod,
+                    programs,
+                    &tools.scratch,
+                    &tag,
+                )?)
+            }
+            _ => None,
+        };
         let proxy = Proxy::start(scenario, tools, &topology.pod, &topology.client, &workload)?;
+        if let Some(server) = &redis {
+            server
+                .probe(&topology.client, redis_target())
+                .with_context(|| format!("scenario {name}: redis through the interceptor"))?;
+        }
         if let Some(proxy) = &proxy {
             progress(&name, "started", &proxy.command);
         }
@@ -577,6 +643,7 @@ impl<'a> Live<'a> {
             proxy,
             target: workload.addr(),
             workload,
+            redis,
             topology,
             index,
             name,
@@ -640,6 +707,9 @@ impl<'a> Live<'a> {
             // Let the last accepts land before counting.
             std::thread::sleep(Duration::from_millis(50));
             peers = peers.plus(self.workload.peers().since(before));
+            if let Some(counted) = outcome.as_ref().ok().and_then(Figures::peers) {
+                peers = peers.plus(counted);
+            }
             if let Some(proxy) = self.proxy.as_mut() {
                 proxy
                     .check_alive()
@@ -771,6 +841,15 @@ impl<'a> Live<'a> {
         })
     }
 
+    fn redis(&self, params: redis::Params) -> Result<redis::Report> {
+        let server = self
+            .redis
+            .as_ref()
+            .context("no redis-server in this scenario")?;
+        let (client, pod) = (&self.topology.client, &self.topology.pod);
+        redis::run(client, pod, server, redis_target(), params)
+    }
+
     fn bulk(&self, params: bulk::Params) -> Result<BulkFigures> {
         let cpu_before = self.proxy_cpu();
         let machine_before = sysload::machine_busy_seconds();
@@ -871,6 +950,22 @@ impl<'a> Live<'a> {
             "{:.2} Gbit/s{cpu}{}{}",
             f.report.gbit_per_s,
             errors_note(&f.report.errors),
+            self.bypass_note(l.peers),
+        );
+        progress(&self.name, label, &line);
+    }
+
+    fn say_redis(&self, label: &str, l: &Loaded<redis::Report>) {
+        let Some(r) = &l.report else { return };
+        let p50 = r
+            .p50_ms
+            .map_or(String::new(), |p| format!(", p50 {p:.3} ms"));
+        let line = format!(
+            "{:.0} requests/s{p50}, {} requests, {} connections{}{}",
+            r.rps,
+            r.requests,
+            r.connections,
+            errors_note(&r.errors),
             self.bypass_note(l.peers),
         );
         progress(&self.name, label, &line);

@@ -19,11 +19,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use netlab::{Netns, Proc};
 use serde::Serialize;
 
+use crate::load::redis;
 use crate::procstat;
 use crate::profile::LoadKind;
 use crate::workload::{Workload, ECHO};
 
-/// The workload's port: the one every interceptor intercepts.
+/// The workload's port: the one every interceptor intercepts (and redis's,
+/// [`redis::PORT`], where the redis load runs).
 pub const PORT: u16 = 9080;
 /// The interceptor's listening port (sluice's default).
 pub const PROXY_PORT: u16 = 15006;
@@ -52,7 +54,7 @@ pub struct Scenario {
 pub enum Interceptor {
     /// No interception: the physical limit.
     None,
-    /// `sluice run ARGS --ports 9080 --install-rules --workers <cores>`.
+    /// `sluice run ARGS --ports 9080[,6379] --install-rules --workers <cores>`.
     Sluice { args: Vec<String> },
     /// HAProxy in transparent mode behind sluice's TPROXY rules (installed
     /// with `sluice rules install`): an existing proxy on the same
@@ -173,6 +175,23 @@ impl Scenario {
     pub fn is_direct(&self) -> bool {
         self.interceptor == Interceptor::None
     }
+
+    /// Whether a redis-server runs beside the workload: when this run has
+    /// redis and the scenario takes part in its load.
+    pub fn has_redis(&self, tools: &Tools) -> bool {
+        tools.redis.is_some() && self.runs(LoadKind::Redis)
+    }
+
+    /// The ports its interceptor intercepts: the workload's, and redis's
+    /// when it runs. Only then: the other figures stay those of a
+    /// one-port policy, as in runs (and baselines) without redis.
+    pub fn ports(&self, tools: &Tools) -> String {
+        if self.has_redis(tools) {
+            format!("{PORT},{}", redis::PORT)
+        } else {
+            PORT.to_string()
+        }
+    }
 }
 
 /// The last value of `--flag VALUE` or `--flag=VALUE` in `args`, as sluice's
@@ -213,6 +232,8 @@ pub struct Tools {
     pub perf: Option<PathBuf>,
     pub scratch: PathBuf,
     pub patience: Patience,
+    /// redis-server and redis-benchmark, when the run has the redis load.
+    pub redis: Option<redis::Programs>,
 }
 
 /// The run's budget for waiting on a busy machine and repeating disturbed
@@ -331,8 +352,10 @@ impl Proxy {
     ) -> Result<Option<Proxy>> {
         let proxy = match &scenario.interceptor {
             Interceptor::None => None,
-            Interceptor::Sluice { args } => Some(start_sluice(args, tools, pod)?),
-            Interceptor::Haproxy => Some(start_haproxy(tools, pod)?),
+            Interceptor::Sluice { args } => {
+                Some(start_sluice(args, &scenario.ports(tools), tools, pod)?)
+            }
+            Interceptor::Haproxy => Some(start_haproxy(scenario, tools, pod)?),
         };
         let target = SocketAddr::from((netlab::ClientPod::POD_V4, PORT));
         if let Err(e) = probe(client, target, workload, proxy.is_some()) {
@@ -498,12 +521,12 @@ fn spawn_logged(
     ))
 }
 
-fn start_sluice(args: &[String], tools: &Tools, pod: &Netns) -> Result<Proxy> {
+fn start_sluice(args: &[String], ports: &str, tools: &Tools, pod: &Netns) -> Result<Proxy> {
     let mut command = Command::new(&tools.sluice);
     command
         .arg("run")
         .args(args)
-        .args(["--ports", &PORT.to_string(), "--install-rules"])
+        .args(["--ports", ports, "--install-rules"])
         .args(["--workers", &tools.workers.to_string()]);
     let (mut proxy, ready) = spawn_logged(pod, command, Some(SLUICE_READY))?;
     let deadline = Instant::now() + READY_WITHIN;
@@ -520,7 +543,7 @@ fn start_sluice(args: &[String], tools: &Tools, pod: &Netns) -> Result<Proxy> {
     )
 }
 
-fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
+fn start_haproxy(scenario: &Scenario, tools: &Tools, pod: &Netns) -> Result<Proxy> {
     let haproxy = tools
         .haproxy
         .as_ref()
@@ -532,7 +555,7 @@ fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
         "--mode",
         "tproxy",
         "--ports",
-        &PORT.to_string(),
+        &scenario.ports(tools),
     ]);
     let line = command_line(&rules);
     let output = pod
@@ -559,7 +582,11 @@ fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
     let config = tools
         .scratch
         .join(format!("sl-bench-haproxy-{}.cfg", std::process::id()));
-    let text = haproxy_config(tools.workers, tools.max_connections);
+    let text = haproxy_config(
+        tools.workers,
+        tools.max_connections,
+        scenario.has_redis(tools),
+    );
     std::fs::write(&config, &text).with_context(|| format!("writing {}", config.display()))?;
     let mut command = Command::new(haproxy);
     command.arg("-db").arg("-f").arg(&config);
@@ -585,9 +612,24 @@ fn start_haproxy(tools: &Tools, pod: &Netns) -> Result<Proxy> {
 /// TCP mode, transparent bind on the TPROXY port, upstream from the bypass
 /// source so sluice's rules let it through, as many threads as sluice has
 /// workers. Timeouts far above any load's length: none may cut a held
-/// connection.
-pub fn haproxy_config(threads: usize, max_connections: usize) -> String {
+/// connection. With `redis`, connections whose original destination is
+/// redis's port go to redis (TPROXY keeps that destination: `dst_port`).
+pub fn haproxy_config(threads: usize, max_connections: usize, redis: bool) -> String {
     let pod = netlab::ClientPod::POD_V4;
+    let (use_redis, redis_backend) = if redis {
+        let port = redis::PORT;
+        (
+            format!("    use_backend redis if {{ dst_port {port} }}\n"),
+            format!(
+                "
+backend redis
+    server r {pod}:{port} source 127.0.0.6 maxconn {max_connections}
+"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
         "global
     nbthread {threads}
@@ -602,11 +644,11 @@ defaults
 frontend intercepted
     bind :{PROXY_PORT} transparent
     maxconn {max_connections}
-    default_backend workload
+{use_redis}    default_backend workload
 
 backend workload
     server w {pod}:{PORT} source 127.0.0.6 maxconn {max_connections}
-"
+{redis_backend}"
     )
 }
 
@@ -731,6 +773,23 @@ mod tests {
             (1000, "20000", "20999")
         );
         assert_eq!(all.len(), 10 + 2 * POLICY_SIZES.len());
+    }
+
+    #[test]
+    fn haproxy_sends_redis_s_port_to_redis() {
+        let plain = haproxy_config(2, 100, false);
+        assert!(!plain.contains("redis"), "{plain}");
+        let with = haproxy_config(2, 100, true);
+        assert!(
+            with.contains(
+                "    use_backend redis if { dst_port 6379 }\n    default_backend workload"
+            ),
+            "{with}"
+        );
+        assert!(
+            with.contains("backend redis\n    server r 198.18.0.2:6379 source 127.0.0.6"),
+            "{with}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod bulk;
 pub mod crr;
 pub mod exhaust;
 pub mod hold;
+pub mod redis;
 pub mod rr;
 
 use std::collections::BTreeMap;
