@@ -181,8 +181,9 @@ fn watch(ours: &[u32], stop: &AtomicBool) -> Interference {
     }
 }
 
-/// `(pid, command, utime + stime)` of every process but ours and the
-/// kernel's threads.
+/// `(pid, command, utime + stime)` of every process but ours, our children
+/// (the loads' own tools and servers: redis-benchmark, redis-server, perf)
+/// and the kernel's threads.
 fn other_processes(ours: &[u32]) -> Vec<(u32, String, u64)> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -195,7 +196,13 @@ fn other_processes(ours: &[u32]) -> Vec<(u32, String, u64)> {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let (flags, ticks) = procstat::parse_flags_and_ticks(&stat)?;
             let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
-            (flags & PF_KTHREAD == 0).then_some((pid, comm, ticks))
+            // After the command: the state, then the parent's pid.
+            let parent = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u32>()
+                .ok()?;
+            (flags & PF_KTHREAD == 0 && !ours.contains(&parent)).then_some((pid, comm, ticks))
         })
         .collect()
 }
@@ -258,9 +265,13 @@ mod tests {
     #[test]
     fn another_process_is_seen_and_we_are_not() {
         let monitor = Monitor::start(vec![std::process::id()]);
-        // Burn CPU in a child (another process) and in this process (ours).
+        // Burn CPU in a grandchild (another process: neither ours nor our
+        // child, which a load's own tools are) and in this process (ours).
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done"])
+            .args([
+                "-c",
+                "(i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done) & wait",
+            ])
             .spawn()
             .unwrap();
         let start = Instant::now();

@@ -89,6 +89,7 @@ impl Netns {
         let path = Path::new(NETNS_DIR).join(&name);
         fs::create_dir_all(NETNS_DIR)
             .map_err(|e| Error::os(format!("creating {NETNS_DIR} (netlab needs root)"), e))?;
+        shared_netns_dir()?;
         // create_new: a leftover from a crashed run must not be silently reused.
         OpenOptions::new()
             .write(true)
@@ -273,6 +274,41 @@ fn sweep_stale() {
 pub fn remove_own_namespaces() {
     let me = process::id();
     remove_where("", |pid| pid == me);
+}
+
+/// Makes `/run/netns` a shared mount point of its own, once per process, as
+/// `ip netns add` does the first time it runs after boot. Were it left to
+/// `ip netns`, its recursive bind of the directory over itself would copy
+/// the namespaces netlab had mounted there at that moment: the copies hide
+/// the originals, and their removal then fails with EBUSY, leaving them
+/// behind. Done before netlab's first mount, nothing is there to copy, and
+/// `ip netns` later finds a mount point and leaves it alone.
+fn shared_netns_dir() -> Result<()> {
+    static DONE: std::sync::OnceLock<nix::Result<()>> = std::sync::OnceLock::new();
+    let outcome = DONE.get_or_init(|| {
+        let shared = || {
+            mount(
+                None::<&str>,
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+                None::<&str>,
+            )
+        };
+        // EINVAL: not a mount point yet.
+        if shared().is_ok() {
+            return Ok(());
+        }
+        mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| shared())
+    });
+    (*outcome).map_err(|e| Error::os(format!("making {NETNS_DIR} a shared mount point"), e))
 }
 
 /// Unmounts and removes the `sl-<purpose>-<pid>-<n>` namespaces whose pid

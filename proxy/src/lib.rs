@@ -3,6 +3,8 @@
 //! See the README for the design; each module's header says what it owns.
 
 pub mod admin;
+#[cfg(feature = "bench-inject")]
+pub mod bench_inject;
 pub mod config;
 pub mod forward;
 pub mod intercept;

@@ -33,6 +33,8 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         return worker.refuse(&client, peer, Some(destination.addr), reason);
     }
 
+    #[cfg(feature = "bench-inject")]
+    crate::bench_inject::per_connection(&client);
     let connect_started = Instant::now();
     let upstream = match connect(
         &worker,
