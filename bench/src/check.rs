@@ -106,6 +106,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::stats::median;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -522,16 +523,6 @@ impl Baseline {
             judged.tolerance = pooled;
         }
         Some(judged)
-    }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 

@@ -183,19 +183,8 @@ churn! {
 /// [`STALLED`]).
 fn served_from(client: &Netns, port: u16, to: SocketAddr) -> TcpStream {
     let started = Instant::now();
-    let mut stream = client
-        .run(|| {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(to),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            socket.bind(&SocketAddr::new(to_client(to), port).into())?;
-            socket.connect_timeout(&to.into(), PATIENCE)?;
-            std::io::Result::Ok(TcpStream::from(socket))
-        })
+    let mut stream = connect_from(client, SocketAddr::new(to_client(to), port), to)
         .unwrap_or_else(|e| panic!("connect from port {port}: {e}"));
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
     echo_once(&mut stream, b"from that port");
     let took = started.elapsed();
     let segments = retransmitted(&stream);

@@ -232,21 +232,8 @@ fn everything_else_in_the_pod_is_unaffected() {
     };
     // The client has two addresses per family now: say which.
     let connect_from = |from: IpAddr, to: SocketAddr| {
-        let stream = topology
-            .client
-            .run(|| {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(to),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                socket.bind(&SocketAddr::new(from, 0).into())?;
-                socket.connect_timeout(&to.into(), PATIENCE)?;
-                std::io::Result::Ok(TcpStream::from(socket))
-            })
-            .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        stream
+        connect_from(&topology.client, SocketAddr::new(from, 0), to)
+            .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"))
     };
     // Through sluice, from the client's address.
     let through = connect_from(ClientPod::CLIENT_V4.into(), pod_v4(PORT));

@@ -486,6 +486,28 @@ pub fn connect(client: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// A client socket made in the client namespace, from `from` (an address
+/// and port of the client's; port 0: the kernel's choice).
+pub fn connect_from(
+    client: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let stream = client.run(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&from.into())?;
+        socket.connect_timeout(&to.into(), PATIENCE)?;
+        std::io::Result::Ok(TcpStream::from(socket))
+    })?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    Ok(stream)
+}
+
 /// Sends a line and reads the echo back: the connection is alive.
 pub fn echo_once(stream: &mut TcpStream, line: &[u8]) {
     echo_once_checked(stream, line).expect("echo");
