@@ -526,35 +526,9 @@ impl Baseline {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Ok,
-    Improved,
-    /// In the run, not in the baseline: shown, never a failure (unless it is
-    /// an exact figure that is not 0).
-    New,
-    Regression,
-    /// In the baseline, not in the run.
-    Missing,
-}
-
-impl Verdict {
-    pub fn fails(self) -> bool {
-        matches!(self, Verdict::Regression | Verdict::Missing)
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Verdict::Ok => "ok",
-            Verdict::Improved => "improved",
-            Verdict::New => "new",
-            Verdict::Regression => "REGRESSION",
-            Verdict::Missing => "MISSING",
-        })
-    }
-}
+/// The same verdicts as the A/B's; this comparison gives no `Undecided`
+/// or `Shown`.
+pub use crate::ab::Verdict;
 
 #[derive(Debug, Clone)]
 pub struct Row {
