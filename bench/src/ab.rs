@@ -648,7 +648,8 @@ pub fn run(
     })
 }
 
-fn number(v: f64) -> String {
+/// A figure with as many decimals as its size deserves.
+pub fn number(v: f64) -> String {
     let a = v.abs();
     if v == 0.0 {
         "0".into()

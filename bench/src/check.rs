@@ -526,6 +526,7 @@ impl Baseline {
     }
 }
 
+use crate::ab::number;
 /// The same verdicts as the A/B's; this comparison gives no `Undecided`
 /// or `Shown`.
 pub use crate::ab::Verdict;
@@ -687,21 +688,6 @@ fn judge(b: &BaselineFigure, now: f64) -> Verdict {
         Verdict::Improved
     } else {
         Verdict::Ok
-    }
-}
-
-fn number(v: f64) -> String {
-    let a = v.abs();
-    if v == 0.0 {
-        "0".into()
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else if a >= 0.1 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
     }
 }
 
