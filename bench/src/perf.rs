@@ -84,23 +84,33 @@ struct Attached {
 
 /// What shows that a tool has attached to its target.
 enum Attach {
-    /// perf holds perf_event descriptors.
-    PerfEvents,
+    /// perf holds at least this many perf_event descriptors, and has
+    /// stopped opening more. perf stat opens one per event and thread of
+    /// its target before it enables them: a load started at its first
+    /// descriptor could end before the last events count (a check's first
+    /// count run, perf's first start, once had no wait count at all).
+    PerfEvents { at_least: usize },
     /// Every thread of the target has a tracer.
     Traced { target: u32 },
 }
 
 impl Attach {
-    fn done(&self, tool: u32) -> bool {
+    /// `seen`: what the previous look found, for the looks that compare.
+    fn done(&self, tool: u32, seen: &mut usize) -> bool {
         match self {
-            Attach::PerfEvents => std::fs::read_dir(format!("/proc/{tool}/fd"))
-                .map(|fds| {
-                    fds.flatten().any(|fd| {
-                        std::fs::read_link(fd.path())
-                            .is_ok_and(|target| target.to_string_lossy().contains("perf_event"))
-                    })
-                })
-                .unwrap_or(false),
+            Attach::PerfEvents { at_least } => {
+                let open = std::fs::read_dir(format!("/proc/{tool}/fd")).map_or(0, |fds| {
+                    fds.flatten()
+                        .filter(|fd| {
+                            std::fs::read_link(fd.path())
+                                .is_ok_and(|target| target.to_string_lossy().contains("perf_event"))
+                        })
+                        .count()
+                });
+                let settled = open >= *at_least && open == *seen;
+                *seen = open;
+                settled
+            }
             Attach::Traced { target } => std::fs::read_dir(format!("/proc/{target}/task"))
                 .map(|tasks| {
                     tasks.flatten().all(|task| {
@@ -143,7 +153,8 @@ impl Attached {
             line,
         };
         let deadline = Instant::now() + ATTACH_WITHIN;
-        while !attach.done(tool) {
+        let mut seen = 0;
+        while !attach.done(tool, &mut seen) {
             if Instant::now() > deadline {
                 bail!("{} did not attach within {ATTACH_WITHIN:?}", attached.line);
             }
@@ -218,7 +229,14 @@ pub fn count_syscalls(
         command
             .args(["stat", "-x", ",", "-e", &events, "-p"])
             .arg(pid.to_string());
-        let attached = Attached::start(command, Attach::PerfEvents)?;
+        let attached = Attached::start(
+            command,
+            Attach::PerfEvents {
+                at_least: 1 + waits.len(),
+            },
+        )?;
+        // Opened, then enabled all at once: a moment for the enabling.
+        std::thread::sleep(Duration::from_millis(50));
         let (connections, duration_s) = load()?;
         counted.connections = connections;
         counted.duration_s = duration_s;
@@ -297,7 +315,7 @@ pub fn record<T>(
         .arg(data)
         .arg("-p")
         .arg(pid.to_string());
-    let attached = Attached::start(command, Attach::PerfEvents)?;
+    let attached = Attached::start(command, Attach::PerfEvents { at_least: 1 })?;
     let result = load()?;
     let stderr = attached.stop()?;
     if !data.is_file() {

@@ -76,13 +76,9 @@ impl Netns {
     }
 
     /// Gives the namespace up to outlive this guard; returns its name.
-    pub fn persist(self) -> String {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again; the fields are moved
-        // out once, so the fd is closed and the name returned exactly once.
-        let (name, fd) = unsafe { (std::ptr::read(&this.name), std::ptr::read(&this.fd)) };
-        drop(fd);
-        name
+    pub fn persist(mut self) -> String {
+        // A guard with no name leaves its namespace in place (see Drop).
+        std::mem::take(&mut self.name)
     }
 
     fn create(name: String) -> Result<Netns> {
@@ -247,6 +243,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return; // persisted
+        }
         let path = self.path();
         // MNT_DETACH: processes or sockets still inside must not keep the name
         // busy; the kernel frees the namespace when its last user goes.

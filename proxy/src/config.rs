@@ -106,8 +106,9 @@ pub struct RunArgs {
     /// client is then reset.
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub connect_timeout: Duration,
-    /// A connection that moves no byte either way for this long (half-closed
-    /// ones included) is reset on both sides; 0 means never.
+    /// A connection that moves no byte either way for this long, with none
+    /// waiting to be sent (half-closed ones included), is reset on both
+    /// sides; 0 means never. A slow reader is not idle.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long connections in flight may go on before

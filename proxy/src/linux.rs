@@ -239,6 +239,10 @@ pub struct TcpCounters {
     /// Sequence space received in order (rcv_nxt's progress): payload, plus
     /// one for a FIN.
     pub bytes_received: u64,
+    /// Bytes written to the socket and not yet sent (0 before Linux 4.6).
+    pub notsent_bytes: u32,
+    /// Segments sent and not yet acknowledged.
+    pub unacked_segments: u32,
 }
 
 /// TCP's state `TCP_CLOSE`: the connection is gone (reset, or both FINs
@@ -279,6 +283,8 @@ pub fn tcp_counters(socket: &impl AsRawFd) -> io::Result<TcpCounters> {
         state: info.tcpi_state,
         bytes_acked: info.tcpi_bytes_acked,
         bytes_received: info.tcpi_bytes_received,
+        notsent_bytes: info.tcpi_notsent_bytes,
+        unacked_segments: info.tcpi_unacked,
     })
 }
 
@@ -310,17 +316,11 @@ pub fn send_queue_bytes(socket: &impl AsRawFd) -> io::Result<u32> {
 /// waiting (`poll(2)` with a zero timeout). POLLERR and POLLHUP are always
 /// reported; nothing is consumed.
 pub fn events_now(socket: &impl AsRawFd, events: i16) -> io::Result<i16> {
-    let mut fds = [libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events,
-        revents: 0,
-    }];
-    // SAFETY: one valid pollfd, a zero timeout.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fds[0].revents)
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let socket = borrow(socket);
+    let mut fds = [PollFd::new(socket, PollFlags::from_bits_truncate(events))];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    Ok(fds[0].revents().map_or(0, |revents| revents.bits()))
 }
 
 /// Sends as much of `bytes` as `socket`'s send buffer takes now, without

@@ -121,7 +121,13 @@ fn metrics_count_every_connection_exactly() {
         let series = format!("sluice_connections_refused_total{{reason=\"{reason}\"}}");
         assert_eq!(sample(&metrics, &series), 0.0, "{series}");
     }
-    for reason in ["refused", "timeout", "unreachable", "other"] {
+    for reason in [
+        "refused",
+        "timeout",
+        "unreachable",
+        "no_source_port",
+        "other",
+    ] {
         let series = format!("sluice_upstream_connect_failures_total{{reason=\"{reason}\"}}");
         assert_eq!(sample(&metrics, &series), 0.0, "{series}");
     }

@@ -272,6 +272,77 @@ fn redirect_leg_takes_the_client_port() {
     leg_takes_the_client_port("redirect");
 }
 
+/// `--upstream-ports` of ten ports, all held by connections from one
+/// client address: the next connections to that port fail fast (a few
+/// tries over two seconds, not one every 20 ms until the connect timeout),
+/// each counted as `no_source_port`, while a connection to another port,
+/// on the same worker, goes on answering every request.
+#[test]
+fn an_exhausted_port_range_fails_fast_counted_and_stalls_no_one() {
+    const OTHER: u16 = 9081;
+    let topology = ClientPod::new("cpexhaust").expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let _other = Workload::start(&topology.pod, OTHER, Behaviour::Echo, 1);
+    let sluice = run_sluice(
+        &topology.pod,
+        "tproxy",
+        "copy",
+        &["--workers", "1", "--upstream-ports", "40000-40009"],
+    );
+    // Its own 4-tuples (another destination port): never short of ports.
+    let mut busy = connect(&topology.client, pod_v4(OTHER)).expect("connect");
+    echo_once(&mut busy, b"before");
+    let held: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+            echo_once(&mut stream, b"held");
+            stream
+        })
+        .collect();
+
+    const REFUSED: usize = 20;
+    let client = &topology.client;
+    let (refused, slowest_request) = std::thread::scope(|scope| {
+        let refused = scope.spawn(move || {
+            let attempts: Vec<_> = (0..REFUSED)
+                .map(|_| {
+                    scope.spawn(move || {
+                        let started = Instant::now();
+                        let mut stream = connect(client, pod_v4(PORT)).expect("connect");
+                        let outcome = echo_once_checked(&mut stream, b"no port");
+                        (outcome, started.elapsed())
+                    })
+                })
+                .collect();
+            attempts
+                .into_iter()
+                .map(|a| a.join().expect("attempt"))
+                .collect::<Vec<_>>()
+        });
+        let mut slowest = Duration::ZERO;
+        while !refused.is_finished() {
+            let started = Instant::now();
+            echo_once(&mut busy, b"still here");
+            slowest = slowest.max(started.elapsed());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (refused.join().expect("attempts"), slowest)
+    });
+    eprintln!("slowest request beside the exhausted range: {slowest_request:?}");
+    for (outcome, took) in &refused {
+        let error = outcome.as_ref().expect_err("served without a source port");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+        // Given up after ~2 s (20+40+...+640 ms of waits), not at the
+        // 10 s connect timeout.
+        assert!(*took < Duration::from_secs(5), "failed after {took:?}");
+    }
+    let metrics = get(&topology.client, pod_v4(METRICS), "/metrics").1;
+    let series = "sluice_upstream_connect_failures_total{reason=\"no_source_port\"}";
+    assert_eq!(sample(&metrics, series), REFUSED as f64, "{metrics}");
+    drop((held, busy));
+    sluice.stop();
+}
+
 /// A range outside the pod's ip_local_port_range cannot be honoured (the
 /// kernel ignores such a bound): sluice says so and does not start.
 #[test]

@@ -203,9 +203,68 @@ fn idle_connections_are_reset_after_the_idle_timeout() {
 
     let started = Instant::now();
     assert_eq!(read_until_end(&mut open), Err(ErrorKind::ConnectionReset));
-    eprintln!("idle connection reset after {:?}", started.elapsed());
+    let after = started.elapsed();
+    eprintln!("idle connection reset after {after:?}");
+    // Not before the timeout; after it by at most the sweep's eighth of it
+    // and its tick, with room for a loaded machine.
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&after),
+        "reset after {after:?} of silence, for --idle-timeout 1s"
+    );
     await_resets(&echo, 1);
     await_resets(&greeter, 1);
+}
+
+/// A reader that is slow but moving is not idle, whatever the forwarder:
+/// for seconds, no byte arrives at sluice's sockets (every buffer on the
+/// way is full), yet bytes leave them as the client reads, a little at a
+/// time. The download must outlive `--idle-timeout 1s`, whole.
+fn slow_reader_is_not_idle(forwarder: &[&str]) {
+    const LEN: usize = 32 << 20;
+    let topology = ClientPod::new(&format!("slow{}", forwarder[1])).expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Download(LEN), 1);
+    let mut args = vec!["--ports", "9080", "--install-rules", "--idle-timeout", "1s"];
+    args.extend(forwarder);
+    let sluice = Sluice::run(&topology.pod, &args);
+    // Made before the connection: making them takes a debug build over a
+    // second, an idle second the timeout would rightly end.
+    let expected = download_bytes(LEN);
+    let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+    let mut received = Vec::with_capacity(LEN);
+    let mut buffer = vec![0u8; 64 * 1024];
+    // 4 KiB every 100 ms for 4 s: four idle timeouts of a trickle.
+    let slow_until = Instant::now() + Duration::from_secs(4);
+    loop {
+        let slow = Instant::now() < slow_until;
+        let want = if slow { 4 * 1024 } else { buffer.len() };
+        let n = match stream.read(&mut buffer[..want]) {
+            Ok(n) => n,
+            Err(error) => panic!(
+                "the download failed after {} bytes: {error}\n{}",
+                received.len(),
+                sluice.log()
+            ),
+        };
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..n]);
+        if slow {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(received.len(), LEN);
+    assert!(received == *expected, "bytes differ");
+}
+
+#[test]
+fn a_slow_reader_outlives_the_idle_timeout_copy() {
+    slow_reader_is_not_idle(&["--forward", "copy"]);
+}
+
+#[test]
+fn a_slow_reader_outlives_the_idle_timeout_sockmap_joined() {
+    slow_reader_is_not_idle(&["--forward", "sockmap", "--sockmap-after", "0"]);
 }
 
 /// SIGTERM while a large download goes to a slow reader: the client gets
@@ -479,7 +538,9 @@ fn five_restarts_in_a_row_ebpf() {
 }
 
 /// A worker that panics takes the process down, non-zero, and the rules
-/// sluice installed go with it.
+/// sluice installed go with it. (Only a debug build, which `cargo test`
+/// makes, reads the hook.)
+#[cfg(debug_assertions)]
 #[test]
 fn a_panicking_worker_takes_the_process_down_and_removes_the_rules() {
     let topology = ClientPod::new("panic").expect("topology");

@@ -421,3 +421,43 @@ fn connect_then_read(client: &netlab::Netns, to: SocketAddr) -> std::io::Result<
     let mut stream = connect(client, to)?;
     stream.read(&mut [0u8; 16])
 }
+
+/// A SYN from outside that claims to come from the bypass source `::6`.
+/// IPv6 has no reverse-path filter, and the pod's own connections from
+/// `::6` must not be intercepted, so such a SYN does reach the workload's
+/// listener, unintercepted. It still gets no connection: the workload's
+/// answer goes to `::6`, an address of the pod itself (sluice puts it on
+/// lo), so it never leaves the pod, and the handshake never completes.
+fn spoofed_bypass_source_gets_no_connection(mode: &str, purpose: &str) {
+    let topology = ClientPod::new(purpose).expect("topology");
+    let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let _sluice = start(mode, &topology, "9080");
+    let spoofed = topology.client.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        // Not an address of the client: sent as if it were.
+        socket.set_freebind_v6(true)?;
+        socket.bind(&SocketAddr::new("::6".parse().expect("::6"), 0).into())?;
+        socket.connect_timeout(&pod_v6(PORT).into(), Duration::from_secs(3))
+    });
+    let error = spoofed.expect_err("a SYN from a spoofed ::6 got a connection");
+    assert_eq!(error.kind(), ErrorKind::TimedOut, "{error}");
+    // The control: the same workload answers the client's real address.
+    let mut real = connect(&topology.client, pod_v6(PORT)).expect("connect");
+    echo_once(&mut real, b"real address");
+    drop(real);
+    assert_eq!(
+        workload.direct.load(Ordering::SeqCst),
+        0,
+        "the spoofed SYN was accepted"
+    );
+}
+
+#[test]
+fn ebpf_spoofed_bypass_source_gets_no_connection() {
+    spoofed_bypass_source_gets_no_connection("ebpf", "ebpf-spoof6");
+}
+
+#[test]
+fn tproxy_spoofed_bypass_source_gets_no_connection() {
+    spoofed_bypass_source_gets_no_connection("tproxy", "tproxy-spoof6");
+}

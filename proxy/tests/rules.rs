@@ -232,6 +232,8 @@ fn missing_cap_net_admin_is_reported() {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
     command.args(["rules", "install"]);
     // Dropped from the bounding set, root's exec no longer gets it.
+    // SAFETY: between fork and exec, one prctl, async-signal-safe, and no
+    // allocation.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, || {
             if libc::prctl(libc::PR_CAPBSET_DROP, 12 /* CAP_NET_ADMIN */, 0, 0, 0) != 0 {

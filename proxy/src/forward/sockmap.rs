@@ -93,7 +93,12 @@ use super::{copy, Direction, End, Forwarded, Sockmap, Teardown};
 use crate::linux;
 use crate::uring;
 
-#[allow(clippy::all, clippy::pedantic, unused_imports)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    unused_imports
+)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/sockmap.skel.rs"));
 }

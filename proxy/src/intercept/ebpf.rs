@@ -33,7 +33,12 @@ use socket2::{Domain, Protocol, SockRef, Type};
 use crate::config::{Policy, Ports};
 use maps::{Encoded, Maps, LISTENER_V4, LISTENER_V6, MAX_CIDRS_PER_FAMILY, MAX_INTERFACES};
 
-#[allow(clippy::all, clippy::pedantic, unused_imports)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    unused_imports
+)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/sk_lookup.skel.rs"));
 }

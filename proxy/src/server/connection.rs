@@ -17,28 +17,52 @@ use crate::linux;
 use crate::listener::{self, ClientAddr, OrigDst};
 use crate::upstream::{self, Leg, Source};
 
-pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
-    let Some(registration) = worker.track(&client) else {
-        return worker.refuse(&client, peer, None, Refused::Draining);
-    };
+/// Serves `client`, which `registration` has entered in the worker's table
+/// (at the accept: a drain counts it from then on).
+pub async fn serve(
+    worker: Rc<Worker>,
+    client: TcpStream,
+    peer: ClientAddr,
+    registration: Registration,
+) {
+    let upstream = serve_tracked(&worker, &client, peer, &registration).await;
+    // The sweep aborts the descriptors the table names: the connection
+    // leaves it before its sockets close, or an abort could hit a
+    // descriptor that another connection has been given since.
+    drop(registration);
+    drop(upstream);
+    drop(client);
+}
+
+/// Everything from the original destination to the end of forwarding;
+/// returns the connection to the workload, if one was made, for the caller
+/// to close after the connection has left the table.
+async fn serve_tracked(
+    worker: &Rc<Worker>,
+    client: &TcpStream,
+    peer: ClientAddr,
+    registration: &Registration,
+) -> Option<TcpStream> {
     let settings = worker.settings.clone();
-    let destination = match listener::original_dst(settings.mode, &client) {
+    let destination = match listener::original_dst(settings.mode, client) {
         Ok(destination) => destination,
         Err(error) => {
             debug!(client = %peer, %error, "no original destination");
-            return worker.refuse(&client, peer, None, Refused::NoOriginalDestination);
+            worker.refuse(client, peer, None, Refused::NoOriginalDestination);
+            return None;
         }
     };
     if let Err(reason) = check_destination(destination, settings.proxy_port) {
-        return worker.refuse(&client, peer, Some(destination.addr), reason);
+        worker.refuse(client, peer, Some(destination.addr), reason);
+        return None;
     }
 
     #[cfg(feature = "bench-inject")]
-    crate::bench_inject::per_connection(&client);
+    crate::bench_inject::per_connection(client);
     let connect_started = Instant::now();
     let upstream = match connect(
-        &worker,
-        &registration,
+        worker,
+        registration,
         peer,
         destination.addr,
         connect_started,
@@ -49,8 +73,8 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         Err((failure, error)) => {
             stats::add(&worker.stats.connect_failures[failure as usize], 1);
             debug!(client = %peer, %destination, %error, reason = failure.label(), "workload unreachable; connection reset");
-            let _ = linux::reset_on_close(&client);
-            return;
+            let _ = linux::reset_on_close(client);
+            return None;
         }
     };
     let opened = registration.forwarding(&upstream);
@@ -58,14 +82,14 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
     stats::add(&stats.opened, 1);
     stats.connect_duration.observe(opened - connect_started);
 
-    let forwarded = forward::forward(&settings.forwarding, &client, &upstream).await;
+    let forwarded = forward::forward(&settings.forwarding, client, &upstream).await;
     stats.connection_duration.observe(opened.elapsed());
     stats::add(&stats.closed, 1);
     let forwarded = match forwarded {
         Ok(forwarded) => forwarded,
         Err(error) => {
             debug!(client = %peer, %error, "forwarder could not start; connection reset");
-            return;
+            return Some(upstream);
         }
     };
     stats::add(&stats.bytes_to_workload, forwarded.upstream.bytes);
@@ -93,10 +117,18 @@ pub async fn serve(worker: Rc<Worker>, client: TcpStream, peer: ClientAddr) {
         }
     }
     debug!(client = %peer, %destination, up = forwarded.upstream.bytes, down = forwarded.downstream.bytes, "closed");
+    Some(upstream)
 }
 
-/// How long to wait before trying again a connect that found no free port.
+/// A connect that found no free source port is tried again after this
+/// long, then after twice as long each time ...
 const PORT_RETRY: Duration = Duration::from_millis(20);
+/// ... until this long after the first attempt: about a second of TIME_WAIT
+/// churn (loopback reuses a TIME_WAIT after one second) is waited out,
+/// while a range that held connections exhaust fails in a few attempts,
+/// not in one attempt every 20 ms until the connect timeout (each one a
+/// kernel search of the whole range, on the worker's thread).
+const PORT_GIVE_UP: Duration = Duration::from_secs(2);
 
 /// Connects to the workload, within the connect timeout (the worker's sweep
 /// aborts a connect that takes longer).
@@ -108,8 +140,9 @@ const PORT_RETRY: Duration = Duration::from_millis(20);
 /// [`super::worker::INNER_REFUSED_FOR`], not one per connection), and each such
 /// connection is counted. EADDRNOTAVAIL, no free source port (every one is
 /// held, or in a TIME_WAIT less than a second old under a connection rate
-/// beyond the port range per second), is tried again every 20 ms until the
-/// timeout: a burst is slowed down, not failed.
+/// beyond the port range per second), is tried again a few times, further
+/// apart each time ([`PORT_RETRY`], [`PORT_GIVE_UP`]): a burst is slowed
+/// down, an exhausted range fails fast, counted as `no_source_port`.
 async fn connect(
     worker: &Worker,
     registration: &Registration,
@@ -125,6 +158,7 @@ async fn connect(
     };
     let fell_back = leg == Leg::FromBypass && settings.upstream_source != Source::Bypass;
     let mut refused_inner = false;
+    let mut port_retry = PORT_RETRY;
     loop {
         let attempt = match upstream::start(leg, destination, client.0.ip(), settings.mark) {
             Ok(pending) => {
@@ -157,10 +191,12 @@ async fn connect(
             continue;
         }
         let no_port = error.raw_os_error() == Some(libc::EADDRNOTAVAIL);
-        if !no_port || started.elapsed() + PORT_RETRY >= settings.connect_timeout {
+        let give_up = settings.connect_timeout.min(PORT_GIVE_UP);
+        if !no_port || started.elapsed() + port_retry >= give_up {
             return Err((ConnectFailure::of(&error), error));
         }
-        tokio::time::sleep(PORT_RETRY).await;
+        tokio::time::sleep(port_retry).await;
+        port_retry *= 2;
     }
 }
 

@@ -174,9 +174,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         upstream_source: options.upstream_source,
         idle_timeout: (!options.idle_timeout.is_zero()).then_some(options.idle_timeout),
         max_connections: (max_connections as usize).div_ceil(options.workers),
-        panic_after: std::env::var(PANIC_AFTER_ENV)
-            .ok()
-            .and_then(|n| n.parse().ok()),
+        panic_after: worker::panic_after_from_env(),
     });
     let (phase, phase_rx) = watch::channel(Phase::Serving);
     let (exits_tx, exits) = mpsc::channel();

@@ -58,14 +58,17 @@ pub enum ConnectFailure {
     Refused,
     Timeout,
     Unreachable,
+    /// EADDRNOTAVAIL: every source port towards that destination is taken.
+    NoSourcePort,
     Other,
 }
 
 impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 4] = [
+    pub const ALL: [ConnectFailure; 5] = [
         ConnectFailure::Refused,
         ConnectFailure::Timeout,
         ConnectFailure::Unreachable,
+        ConnectFailure::NoSourcePort,
         ConnectFailure::Other,
     ];
 
@@ -73,9 +76,8 @@ impl ConnectFailure {
         match error.raw_os_error() {
             Some(libc::ECONNREFUSED) => ConnectFailure::Refused,
             Some(libc::ETIMEDOUT) => ConnectFailure::Timeout,
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL) => {
-                ConnectFailure::Unreachable
-            }
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => ConnectFailure::Unreachable,
+            Some(libc::EADDRNOTAVAIL) => ConnectFailure::NoSourcePort,
             _ => ConnectFailure::Other,
         }
     }
@@ -85,6 +87,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "refused",
             ConnectFailure::Timeout => "timeout",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::NoSourcePort => "no_source_port",
             ConnectFailure::Other => "other",
         }
     }

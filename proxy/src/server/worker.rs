@@ -63,6 +63,17 @@ pub struct Settings {
 /// shared lock on every connection.
 pub const PANIC_AFTER_ENV: &str = "SLUICE_TEST_WORKER_PANIC_AFTER";
 
+/// [`PANIC_AFTER_ENV`]'s number, read only by debug builds (the ones `cargo
+/// test` makes): a release build must not let its environment make a
+/// worker panic.
+pub fn panic_after_from_env() -> Option<u64> {
+    if cfg!(debug_assertions) {
+        std::env::var(PANIC_AFTER_ENV).ok()?.parse().ok()
+    } else {
+        None
+    }
+}
+
 /// Accept errors (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) are retried after a
 /// pause that doubles up to this.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -123,9 +134,9 @@ enum Stage {
     },
     Forwarding {
         upstream: RawFd,
-        /// Bytes received by both sockets at the last look, and when that
-        /// figure last changed.
-        received: u64,
+        /// Bytes both sockets had received and had acknowledged at the last
+        /// look, and when that figure last changed or bytes were pending.
+        moved: u64,
         changed: Instant,
     },
 }
@@ -219,7 +230,12 @@ impl Worker {
         if self.connections.borrow().len() >= self.settings.max_connections {
             return self.refuse(&stream, peer, None, Refused::ConnectionLimit);
         }
-        tokio_uring::spawn(connection::serve(self.clone(), stream, peer));
+        // In the table from the accept on, not from the task's first poll:
+        // a drain that counted the table in between would miss it.
+        let Some(registration) = self.track(&stream) else {
+            return self.refuse(&stream, peer, None, Refused::Draining);
+        };
+        tokio_uring::spawn(connection::serve(self.clone(), stream, peer, registration));
     }
 
     /// Resets `client` (its close sends RST), counts the refusal under
@@ -349,12 +365,12 @@ impl Worker {
                     }
                     Stage::Forwarding {
                         upstream,
-                        received,
+                        moved,
                         changed,
                     } if check_idle => {
-                        let now_received = received_by(tracked.client) + received_by(*upstream);
-                        if now_received != *received {
-                            *received = now_received;
+                        let look = Traffic::of(tracked.client).and(Traffic::of(*upstream));
+                        if look.moved != *moved || look.pending {
+                            *moved = look.moved;
                             *changed = now;
                         } else if idle.is_some_and(|idle| now - *changed >= idle) {
                             stats::add(&self.stats.idle_timeouts, 1);
@@ -369,10 +385,44 @@ impl Worker {
     }
 }
 
-/// Bytes a socket has received (TCP_INFO); whatever the forwarder, even one
-/// that moves them inside the kernel.
-fn received_by(socket: RawFd) -> u64 {
-    linux::tcp_counters(&socket).map_or(0, |c| c.bytes_received)
+/// What the idle sweep sees of a connection's sockets, from TCP_INFO:
+/// whatever the forwarder, even one that moves bytes inside the kernel.
+///
+/// Idle is no byte moved either way and nothing pending. Received bytes
+/// alone are not enough: a reader that is slow but moving drains the
+/// workload's or the client's receive buffer, which shows up only as
+/// bytes acknowledged to sluice, or as bytes waiting in sluice's send
+/// queue while the reader's window is shut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Traffic {
+    /// Bytes received plus bytes the peer acknowledged.
+    moved: u64,
+    /// Bytes written but not yet sent or not yet acknowledged.
+    pending: bool,
+}
+
+impl Traffic {
+    fn of(socket: RawFd) -> Traffic {
+        match linux::tcp_counters(&socket) {
+            Ok(c) => Traffic {
+                moved: c.bytes_received.wrapping_add(c.bytes_acked),
+                pending: c.notsent_bytes > 0 || c.unacked_segments > 0,
+            },
+            // A socket the kernel cannot describe moves nothing; the
+            // forwarder sees its error on its own.
+            Err(_) => Traffic {
+                moved: 0,
+                pending: false,
+            },
+        }
+    }
+
+    fn and(self, other: Traffic) -> Traffic {
+        Traffic {
+            moved: self.moved.wrapping_add(other.moved),
+            pending: self.pending || other.pending,
+        }
+    }
 }
 
 /// A connection's place in its worker's table; leaving it (drop) takes the
@@ -404,7 +454,7 @@ impl Registration {
         let now = Instant::now();
         self.set(Stage::Forwarding {
             upstream: upstream.as_raw_fd(),
-            received: 0,
+            moved: 0,
             changed: now,
         });
         now

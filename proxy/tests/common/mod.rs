@@ -364,9 +364,12 @@ impl Sluice {
         command
             .envs(launch.env.iter().copied())
             .arg("run")
-            .args(args)
-            .arg("--workers")
-            .arg("2")
+            .args(args);
+        // Two workers unless the test chose: the cross-worker paths run.
+        if !args.contains(&"--workers") {
+            command.args(["--workers", "2"]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -400,12 +403,10 @@ impl Sluice {
     /// Sends `signal` (SIGTERM, SIGINT, ...) without waiting.
     pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.pid()).expect("pid fits i32");
-        // SAFETY: plain syscall; the child is not reaped before `wait_exit`.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
+        let signal = nix::sys::signal::Signal::try_from(signal).expect("a signal number");
+        // The child is not reaped before `wait_exit`: the pid is still its.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .unwrap_or_else(|error| panic!("kill({pid}, {signal}): {error}"));
     }
 
     /// Waits (bounded) for sluice to exit by itself.
@@ -630,6 +631,7 @@ pub fn short_connection(source_port: u16, to: SocketAddr) -> std::io::Result<()>
 /// answer among them): `tcpi_total_retrans` from `TCP_INFO`.
 pub fn retransmitted(stream: &TcpStream) -> u32 {
     use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
