@@ -8,17 +8,18 @@
 //! The sk_lookup links on a namespace are read back with `bpftool`, not with
 //! the engine's own query code, so a wrong `installed()` cannot hide a leak.
 
+mod common;
+
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::BpfFs;
 use ipnet::IpNet;
 use netlab::{ClientPod, Netns};
 use sluice::intercept::ebpf::{self, EbpfPolicy, Error, Interceptor};
@@ -540,43 +541,6 @@ fn an_intercepted_connection_is_refused_when_the_listener_is_gone() {
         pod.client_to(pod_v6(OTHER_PORT)),
         Landed::Workload { port: OTHER_PORT }
     );
-}
-
-/// A private BPF filesystem, unmounted (with whatever is pinned in it) on
-/// drop, so a test's pins never land in the machine's /sys/fs/bpf.
-struct BpfFs {
-    dir: PathBuf,
-}
-
-impl BpfFs {
-    fn mount() -> BpfFs {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("sluice-bpffs-{}-{n}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mount point");
-        nix::mount::mount(
-            Some("bpf"),
-            &dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount a BPF filesystem");
-        BpfFs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        &self.dir
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
-            eprintln!("unmounting {}: {e}", self.dir.display());
-        }
-        let _ = fs::remove_dir(&self.dir);
-    }
 }
 
 #[test]

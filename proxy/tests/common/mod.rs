@@ -708,3 +708,40 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .parse()
         .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
+
+/// A private BPF filesystem, unmounted (with whatever is pinned in it) on
+/// drop, so a test's pins never land in the machine's /sys/fs/bpf.
+pub struct BpfFs {
+    dir: std::path::PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount() -> BpfFs {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sluice-bpffs-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a BPF filesystem");
+        BpfFs { dir }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("unmounting {}: {e}", self.dir.display());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
