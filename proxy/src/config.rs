@@ -83,7 +83,8 @@ pub enum RulesAction {
 pub struct RunArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Install the rules at start and remove them at exit (SIGINT/SIGTERM).
+    /// Install the rules at start and, at exit (SIGINT/SIGTERM), remove what
+    /// this install added (rules an earlier `rules install` made stay).
     /// In ebpf mode the program is always attached by `run` itself.
     #[arg(long)]
     pub install_rules: bool,

@@ -140,8 +140,10 @@ fn rules(action: RulesAction) -> anyhow::Result<ExitCode> {
             if dry_run {
                 print!("{}", plan.dry_run());
             } else {
+                // It outlives this process: `rules remove` takes it away.
                 plan.install()
-                    .context("installing the interception rules")?;
+                    .context("installing the interception rules")?
+                    .keep();
                 println!("installed");
             }
         }

@@ -267,3 +267,239 @@ fn default_dry_run_excludes_the_proxy_and_admin_ports() {
     assert_eq!(ok(&output), golden);
     assert_clean(&ns);
 }
+
+/// Runs `ip <args>` in `ns` and returns what it printed.
+fn ip(ns: &Netns, args: &[&str]) -> String {
+    let output = ns
+        .output(std::process::Command::new("ip").args(args))
+        .expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Everything an install touches, as text two states can be compared by:
+/// the rules of every netfilter table (not the tables and built-in chains,
+/// which stay once made), the fwmark rules, the routes, the addresses of
+/// lo, the sysctls.
+fn namespace_state(ns: &Netns) -> String {
+    let mut state = String::new();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let output = ns
+            .output(&mut std::process::Command::new(tool))
+            .expect("iptables-save");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if line.starts_with("-A") || line.starts_with(":SLUICE") {
+                state += line;
+                state.push('\n');
+            }
+        }
+    }
+    for args in [
+        &["-4", "rule", "show"][..],
+        &["-6", "rule", "show"],
+        &["-4", "route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+        &["-6", "addr", "show", "dev", "lo"],
+    ] {
+        state += &format!("# ip {}\n{}", args.join(" "), ip(ns, args));
+    }
+    for key in [
+        "net.ipv4.tcp_fwmark_accept",
+        "net.ipv4.fwmark_reflect",
+        "net.ipv6.fwmark_reflect",
+    ] {
+        state += &format!("{key}={}\n", ns.sysctl_get(key).expect("sysctl"));
+    }
+    state
+}
+
+/// What Istio's init container (or any other tool) leaves in a pod: the
+/// same fwmark rule and local route sluice uses by default, and `::6`.
+fn add_foreign_routing(ns: &Netns) {
+    ip(
+        ns,
+        &["-4", "rule", "add", "fwmark", "1337", "lookup", "133"],
+    );
+    ip(
+        ns,
+        &["-6", "rule", "add", "fwmark", "1337", "lookup", "133"],
+    );
+    ip(
+        ns,
+        &[
+            "-4",
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "133",
+        ],
+    );
+    ip(ns, &["-6", "addr", "add", "::6/128", "dev", "lo"]);
+}
+
+/// `rules remove` takes what sluice added and nothing else: a foreign
+/// `fwmark 1337 lookup 133` (Istio's defaults), a foreign local route in
+/// table 133 and a foreign `::6` are still there afterwards, in both
+/// families; the route sluice added beside them (v6) is gone.
+#[test]
+fn rules_remove_leaves_a_foreign_fwmark_rule_route_and_address() {
+    let ns = Netns::new("foreign").expect("netns");
+    add_foreign_routing(&ns);
+    let foreign = namespace_state(&ns);
+
+    ok(&sluice_cli(&ns, &["rules", "install"]));
+    let shown = ok(&sluice_cli(&ns, &["rules", "show"]));
+    assert!(
+        shown.contains("status: installed, matches the flags"),
+        "{shown}"
+    );
+    assert!(
+        ip(&ns, &["-4", "route", "show", "table", "133"]).contains("local default dev lo"),
+        "the foreign route was replaced"
+    );
+    ok(&sluice_cli(&ns, &["rules", "remove"]));
+    assert_eq!(
+        namespace_state(&ns),
+        foreign,
+        "rules remove took more (or less) than sluice added"
+    );
+    let shown = sluice_cli(&ns, &["rules", "show"]);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(stdout.contains("status: not installed"), "{stdout}");
+    assert!(
+        stdout.contains("fwmark rule v4: present (not sluice's)"),
+        "{stdout}"
+    );
+}
+
+/// An init container's `rules install`, then `run --install-rules` (with the
+/// same flags, or others): at its exit, sluice leaves the namespace as it
+/// found it, with the earlier rules in place, so the pod stays intercepted.
+#[test]
+fn run_install_rules_leaves_an_earlier_install_in_place_at_exit() {
+    let ns = Netns::new("keep").expect("netns");
+    ok(&sluice_cli(&ns, &["rules", "install", "--ports", "9080"]));
+    let earlier = namespace_state(&ns);
+    for ports in ["9080", "9080,9081"] {
+        let sluice = Sluice::run(&ns, &["--ports", ports, "--install-rules"]);
+        sluice.stop();
+        assert_eq!(
+            namespace_state(&ns),
+            earlier,
+            "run --ports {ports} --install-rules did not leave the earlier install"
+        );
+    }
+    let shown = ok(&sluice_cli(&ns, &["rules", "show", "--ports", "9080"]));
+    assert!(
+        shown.contains("status: installed, matches the flags"),
+        "{shown}"
+    );
+    ok(&sluice_cli(&ns, &["rules", "remove"]));
+    assert_clean(&ns);
+}
+
+/// An install that fails half-way (ip6tables-restore refuses, after the
+/// IPv4 rules were replaced) puts back what was there: the rules of an
+/// earlier install, and a foreign rule, route and `::6`.
+#[test]
+fn a_failed_install_puts_back_what_was_there() {
+    let ns = Netns::new("rollback").expect("netns");
+    add_foreign_routing(&ns);
+    ok(&sluice_cli(&ns, &["rules", "install", "--ports", "9080"]));
+    let earlier = namespace_state(&ns);
+
+    let dir = std::env::temp_dir().join(format!("sl-failing-ip6tables-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let fake = dir.join("ip6tables-restore");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         [ \"$1\" = --version ] && exec /usr/sbin/ip6tables-restore \"$@\"\n\
+         cat >/dev/null\n\
+         echo 'ip6tables-restore: refused by the test' >&2\n\
+         exit 1\n",
+    )
+    .expect("write the failing ip6tables-restore");
+    let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&fake, executable).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(["rules", "install", "--ports", "9081"])
+        .env("PATH", path);
+    let output = ns.output(&mut command).expect("run sluice");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = failed(&output);
+    assert!(stderr.contains("refused by the test"), "{stderr}");
+    assert_eq!(
+        namespace_state(&ns),
+        earlier,
+        "the rollback did not put back what was there"
+    );
+}
+
+/// `run` takes away at exit what it installed, in every mode (the rules of
+/// `--install-rules`; ebpf's policy route, sysctls and `::6`), and only that:
+/// in an empty namespace and beside a foreign rule, route and `::6`, the
+/// namespace is as it was.
+#[test]
+fn run_removes_at_exit_what_it_installed_and_only_that() {
+    for foreign in [false, true] {
+        for mode in ["tproxy", "redirect", "ebpf"] {
+            let ns = Netns::new("atexit").expect("netns");
+            if foreign {
+                add_foreign_routing(&ns);
+            }
+            let before = namespace_state(&ns);
+            let mut args = vec!["--mode", mode, "--ports", "9080"];
+            if mode != "ebpf" {
+                args.push("--install-rules");
+            }
+            let sluice = Sluice::run(&ns, &args);
+            assert_ne!(namespace_state(&ns), before, "{mode}: nothing installed");
+            sluice.stop();
+            assert_eq!(
+                namespace_state(&ns),
+                before,
+                "{mode}, foreign routing {foreign}: not as before"
+            );
+        }
+    }
+}
+
+/// `run --mode ebpf --pin DIR` leaves its program and the routing it needs
+/// after exit; `rules remove --mode ebpf --pin DIR` then takes both, so the
+/// namespace is as before (the policy route and sysctls included, which no
+/// ebpf-mode `rules remove` used to look for).
+#[test]
+fn rules_remove_takes_what_a_pinned_ebpf_run_left() {
+    let ns = Netns::new("ebpfpin").expect("netns");
+    let bpffs = BpfFs::mount();
+    let pin = bpffs.path().join("sluice");
+    let pin = pin.to_str().expect("a UTF-8 path");
+    let before = namespace_state(&ns);
+    let sluice = Sluice::run(&ns, &["--mode", "ebpf", "--ports", "9080", "--pin", pin]);
+    sluice.stop();
+    assert_ne!(
+        namespace_state(&ns),
+        before,
+        "the pinned run's routing went"
+    );
+    ok(&sluice_cli(
+        &ns,
+        &["rules", "remove", "--mode", "ebpf", "--pin", pin],
+    ));
+    assert_eq!(namespace_state(&ns), before);
+}

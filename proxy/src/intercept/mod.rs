@@ -1,9 +1,11 @@
 //! Installing, showing and removing the interception of one mode in the
 //! network namespace sluice runs in. Every change is checked first (rights,
 //! tools), applied in one transaction per family, and rolled back if a later
-//! step fails, so an error leaves nothing half-installed.
+//! step fails, so an error leaves nothing half-installed; removal takes only
+//! what sluice added ([`installed`]).
 
 pub mod ebpf;
+pub mod installed;
 pub mod redirect;
 pub mod rules;
 pub mod tproxy;
@@ -12,7 +14,8 @@ use std::fmt::Write as _;
 
 use crate::config::{Mode, Policy};
 use crate::linux;
-use crate::routing::{self, BypassSource, PolicyRoute, RoutingState};
+use crate::routing::{self, BypassSource, PolicyRoute, Presence, RoutingState, PROTOCOL};
+pub use installed::Installed;
 use rules::{Family, RuleSet};
 
 /// Every netfilter table any mode puts chains in.
@@ -68,11 +71,12 @@ impl Plan {
                 ipv6,
             },
             // The program is attached by `sluice run` (it needs the proxy's
-            // listening sockets), with the routing it needs.
+            // listening sockets); the plan is the routing its upstream
+            // connections need.
             Mode::Ebpf => Plan {
                 mode: policy.mode,
                 rule_sets: Vec::new(),
-                route: None,
+                route: Some(policy_route(policy, ipv6)),
                 ipv6,
             },
         }
@@ -92,6 +96,11 @@ impl Plan {
         }
         if let Some(route) = &self.route {
             out += "# policy routing (rtnetlink)\n";
+            let _ = writeln!(
+                out,
+                "# protocol {PROTOCOL} marks what sluice adds (the IPv4 rule: {PROTOCOL} + the sysctls \
+                 it turned on); removal takes only that"
+            );
             for line in route.describe() {
                 out += &line;
                 out.push('\n');
@@ -105,49 +114,31 @@ impl Plan {
         out
     }
 
-    pub fn install(&self) -> Result<(), Error> {
-        preflight()?;
-        let mut applied = Vec::new();
-        let result = self.install_steps(&mut applied);
-        if result.is_err() {
-            for set in self
-                .rule_sets
-                .iter()
-                .filter(|s| applied.contains(&s.family))
-            {
-                let _ = remove_rules(set.family, set.table);
-            }
-            if let Some(route) = &self.route {
-                let _ = route.remove();
-            }
-            if self.ipv6 {
-                let _ = BypassSource::remove();
-            }
-        }
-        result
-    }
-
-    fn install_steps(&self, applied: &mut Vec<Family>) -> Result<(), Error> {
+    /// Installs what is missing, recording each change: the [`Installed`]
+    /// undoes exactly those when dropped (so does a failure half-way,
+    /// before this returns), unless kept.
+    pub fn install(&self) -> Result<Installed, Error> {
+        preflight(!self.rule_sets.is_empty())?;
+        let mut installed = Installed::default();
         for set in &self.rule_sets {
             // One mode at a time: another mode's chains would intercept first.
             for table in TABLES.into_iter().filter(|t| *t != set.table) {
-                remove_rules(set.family, table)?;
+                installed.set_rules(&RuleSet::new(set.family, table))?;
             }
-            let installed = RuleSet::read_installed(set.family, set.table)?;
-            RuleSet::apply(set.family, &set.install_script(&installed))?;
-            applied.push(set.family);
+            installed.set_rules(set)?;
         }
-        if let Some(route) = &self.route {
-            route.install()?;
+        if let Some(route) = self.route {
+            installed.set_route(route)?;
         }
         if self.ipv6 {
-            BypassSource::install()?;
+            installed.add_bypass()?;
         }
-        Ok(())
+        Ok(installed)
     }
 
-    /// Removes every sluice chain, hook and route, whatever mode and flags
-    /// installed them; succeeds when nothing is installed.
+    /// Removes every sluice chain, hook, rule and route, whatever mode and
+    /// flags installed them, and nothing else; succeeds when nothing is
+    /// installed.
     pub fn remove(&self) -> Result<(), Error> {
         if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
             return Err(Error::NoNetAdmin);
@@ -155,31 +146,11 @@ impl Plan {
         // A host that runs only the eBPF mode needs no iptables: without the
         // tools there can be no sluice chains to remove.
         let tools = RuleSet::check_tools();
-        if self.mode != Mode::Ebpf || tools.is_ok() {
+        let netfilter = self.mode != Mode::Ebpf || tools.is_ok();
+        if netfilter {
             tools?;
-            self.remove_rules()?;
         }
-        if let Some(route) = &self.route {
-            route.remove()?;
-        }
-        if self.ipv6 {
-            BypassSource::remove()?;
-        }
-        Ok(())
-    }
-
-    fn remove_rules(&self) -> Result<(), Error> {
-        let families: &[Family] = if self.ipv6 {
-            &Family::BOTH
-        } else {
-            &[Family::V4]
-        };
-        for &family in families {
-            for table in TABLES {
-                remove_rules(family, table)?;
-            }
-        }
-        Ok(())
+        installed::remove_all(self.ipv6, netfilter)
     }
 
     pub fn show(&self) -> Result<Status, Error> {
@@ -196,7 +167,11 @@ impl Plan {
             wanted: self.clone(),
             installed,
             routing,
-            bypass_source: self.ipv6 && BypassSource::present()?,
+            bypass_source: if self.ipv6 {
+                BypassSource::present()?
+            } else {
+                Presence::Missing
+            },
         })
     }
 }
@@ -228,19 +203,13 @@ fn push_exclusions(set: &mut RuleSet, chain: &str, policy: &Policy, family: Fami
     }
 }
 
-fn remove_rules(family: Family, table: &'static str) -> Result<(), Error> {
-    let installed = RuleSet::read_installed(family, table)?;
-    if let Some(script) = RuleSet::remove_script(&installed) {
-        RuleSet::apply(family, &script)?;
-    }
-    Ok(())
-}
-
-fn preflight() -> Result<(), Error> {
+fn preflight(netfilter: bool) -> Result<(), Error> {
     if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
         return Err(Error::NoNetAdmin);
     }
-    RuleSet::check_tools()?;
+    if netfilter {
+        RuleSet::check_tools()?;
+    }
     Ok(())
 }
 
@@ -250,20 +219,20 @@ pub struct Status {
     wanted: Plan,
     installed: Vec<RuleSet>,
     routing: Option<RoutingState>,
-    bypass_source: bool,
+    bypass_source: Presence,
 }
 
 impl Status {
     pub fn nothing_installed(&self) -> bool {
         self.installed.iter().all(RuleSet::is_empty)
             && self.routing.is_none_or(|r| r.empty())
-            && !self.bypass_source
+            && self.bypass_source != Presence::Sluice
     }
 
     pub fn matches(&self) -> bool {
         self.installed == self.wanted.rule_sets
             && self.routing.is_none_or(|r| r.complete())
-            && (self.bypass_source || !self.wanted.ipv6)
+            && (self.bypass_source.present() || !self.wanted.ipv6)
     }
 }
 
@@ -294,25 +263,19 @@ impl std::fmt::Display for Status {
         }
         if let Some(state) = &self.routing {
             writeln!(f, "# policy routing")?;
-            let present = |yes: bool| if yes { "present" } else { "missing" };
             let on = if state.sysctls { "on" } else { "off" };
             writeln!(f, "sysctls tcp_fwmark_accept, fwmark_reflect: {on}")?;
-            writeln!(f, "fwmark rule v4: {}", present(state.rule_v4))?;
+            writeln!(f, "fwmark rule v4: {}", state.rule_v4)?;
             if state.ipv6 {
-                writeln!(f, "fwmark rule v6: {}", present(state.rule_v6))?;
+                writeln!(f, "fwmark rule v6: {}", state.rule_v6)?;
             }
-            writeln!(f, "local route v4: {}", present(state.local_route_v4))?;
+            writeln!(f, "local route v4: {}", state.local_route_v4)?;
             if state.ipv6 {
-                writeln!(f, "local route v6: {}", present(state.local_route_v6))?;
+                writeln!(f, "local route v6: {}", state.local_route_v6)?;
             }
         }
         if self.wanted.ipv6 {
-            let present = if self.bypass_source {
-                "present"
-            } else {
-                "missing"
-            };
-            writeln!(f, "bypass source ::6 on lo: {present}")?;
+            writeln!(f, "bypass source ::6 on lo: {}", self.bypass_source)?;
         } else {
             writeln!(f, "IPv6: disabled in this namespace; IPv4 only")?;
         }

@@ -38,11 +38,10 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminOptions};
 use crate::config::{Forwarder, Mode, Policy};
 use crate::forward;
-use crate::intercept::{self, ebpf, Plan};
+use crate::intercept::{self, ebpf, Installed, Plan};
 use crate::linux;
 use crate::listener::{self, Listeners};
 use crate::privileges;
-use crate::routing::{self, BypassSource};
 use crate::upstream;
 use stats::WorkerStats;
 pub use worker::Phase;
@@ -57,8 +56,6 @@ pub enum Error {
     Intercept(#[from] intercept::Error),
     #[error("attaching the eBPF program")]
     Ebpf(#[source] ebpf::Error),
-    #[error("the IPv6 bypass source")]
-    Bypass(#[from] routing::Error),
     #[error("cannot start a worker thread")]
     Worker(#[source] io::Error),
     #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
@@ -145,8 +142,16 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         policy.listener_mark(),
         options.workers,
     )?;
+    // Dropped on the way out: takes away what this install added, and only
+    // that (rules an earlier `rules install` made stay).
     let _rules = if options.install_rules && policy.mode != Mode::Ebpf {
-        Some(InstalledRules::install(Plan::for_families(&policy, ipv6))?)
+        let installed = Plan::for_families(&policy, ipv6).install()?;
+        if installed.is_empty() {
+            info!("interception rules already installed; they stay at exit");
+        } else {
+            info!("interception rules installed");
+        }
+        Some(installed)
     } else {
         None
     };
@@ -399,10 +404,12 @@ impl Control {
 }
 
 /// The sk_lookup program of `--mode ebpf`, attached for sluice's lifetime
-/// (unless pinned), with the routing its upstream connections need.
+/// (unless pinned), with the routing its upstream connections need (the
+/// `::6` bypass source and the policy route of the mark, see
+/// `linux::bypass_socket`), which no rules install in this mode.
 struct AttachedProgram {
     _interceptor: ebpf::Interceptor,
-    _routing: Option<UpstreamRouting>,
+    _routing: Option<Installed>,
 }
 
 impl AttachedProgram {
@@ -418,7 +425,7 @@ impl AttachedProgram {
             .first()
             .ok_or_else(|| Error::Worker(io::Error::other("no IPv4 listener")))?;
         let v6 = listeners.v6.first().ok_or(Error::NoIpv6Listener)?;
-        let routing = UpstreamRouting::install(policy, ipv6)?;
+        let routing = Plan::for_families(policy, ipv6).install()?;
         let wanted = ebpf::EbpfPolicy::from_policy(policy);
         let (v4, v6) = (v4.as_fd(), v6.as_fd());
         let attached = match pin {
@@ -460,74 +467,6 @@ fn check_upstream_ports(source: upstream::Source) -> Result<(), Error> {
         });
     }
     Ok(())
-}
-
-/// What sluice's upstream connections need in ebpf mode, where no rules
-/// install it: the `::6` bypass source and the policy route of the mark
-/// (see `linux::bypass_socket`). Removed when dropped, if sluice added it.
-struct UpstreamRouting {
-    route: routing::PolicyRoute,
-    added_bypass: bool,
-    added_route: bool,
-}
-
-impl UpstreamRouting {
-    fn install(policy: &Policy, ipv6: bool) -> Result<UpstreamRouting, Error> {
-        let route = intercept::policy_route(policy, ipv6);
-        let routing = UpstreamRouting {
-            route,
-            added_bypass: ipv6 && !BypassSource::present()?,
-            added_route: route.read()?.empty(),
-        };
-        // From here on, Drop undoes what was added.
-        if ipv6 {
-            BypassSource::install()?;
-        }
-        route.install()?;
-        Ok(routing)
-    }
-
-    fn keep(mut self) {
-        self.added_bypass = false;
-        self.added_route = false;
-    }
-}
-
-impl Drop for UpstreamRouting {
-    fn drop(&mut self) {
-        if self.added_route {
-            if let Err(error) = self.route.remove() {
-                warn!(%error, "could not remove the policy route; run `sluice rules remove`");
-            }
-        }
-        if self.added_bypass {
-            if let Err(error) = BypassSource::remove() {
-                warn!(%error, "could not remove ::6 from lo");
-            }
-        }
-    }
-}
-
-/// Rules installed by `run --install-rules`, removed when dropped.
-struct InstalledRules(Plan);
-
-impl InstalledRules {
-    fn install(plan: Plan) -> Result<InstalledRules, intercept::Error> {
-        plan.install()?;
-        info!("interception rules installed");
-        Ok(InstalledRules(plan))
-    }
-}
-
-impl Drop for InstalledRules {
-    fn drop(&mut self) {
-        match self.0.remove() {
-            Ok(()) => info!("interception rules removed"),
-            Err(error) => {
-                warn!(%error, "could not remove the interception rules; run `sluice rules remove`")
-            }
-        }
-    }
 }
 
 /// One worker per core unless told otherwise.
