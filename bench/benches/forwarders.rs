@@ -222,14 +222,14 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
 /// these figures are the kernel's redirect, not copy's first moments.
 fn forwarding(forwarder: Forwarder) -> Forwarding {
     match forwarder {
-        Forwarder::Sockmap => match SockmapEngine::new() {
+        Forwarder::Sockmap => match SockmapEngine::new(1) {
             Ok(engine) => Forwarding::Sockmap {
                 engine: Arc::new(engine),
                 after: std::time::Duration::ZERO,
             },
             Err(error) => panic!("the sockmap forwarder: {}", chain(&error)),
         },
-        other => Forwarding::new(other, std::time::Duration::ZERO),
+        other => Forwarding::new(other, std::time::Duration::ZERO, 1),
     }
 }
 

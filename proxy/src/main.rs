@@ -73,6 +73,9 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<LogCon
 }
 
 fn execute(command: Command, log: LogControl) -> anyhow::Result<ExitCode> {
+    // Before anything that needs them; a non-root sluice may start with its
+    // capabilities permitted only (file capabilities).
+    sluice::privileges::activate().context("raising the capabilities sluice is permitted")?;
     match command {
         Command::Rules { action } => rules(action),
         Command::Run(args) => {

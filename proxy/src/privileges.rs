@@ -1,12 +1,22 @@
-//! Dropping what `sluice run` no longer needs once it has bound its sockets
-//! and installed the interception: every capability but those the rest of
-//! its life needs, and any way to gain new ones (`no_new_privs`).
+//! The capabilities sluice works with: made usable at start ([`activate`]),
+//! and, once `sluice run` has bound its sockets, installed the interception
+//! and made its BPF objects, dropped to those the rest of its life needs,
+//! with any way to gain new ones (`no_new_privs`) closed ([`keep_only`]).
 //!
-//! Capabilities are per thread: this runs on the control thread before any
-//! other thread starts, so every thread sluice makes inherits the reduced
-//! sets. The kept capabilities stay in the inheritable and ambient sets so
-//! that the `iptables-save`/`iptables-restore` sluice runs (readiness, the
-//! removal at exit) get them as a non-root user too.
+//! A non-root sluice gets its capabilities either in the ambient set (a
+//! runtime that sets it, `setpriv --ambient-caps`) or from file
+//! capabilities on its binary (`setcap cap_net_admin,cap_net_raw,cap_bpf+p`,
+//! which is what a Kubernetes pod needs: it hands a non-root container no
+//! ambient capabilities). Those are permitted only, without the effective
+//! bit: with it the kernel refuses to start a binary when the pod grants
+//! fewer capabilities than the file names, and one image serves every mode.
+//! So sluice raises what it is permitted itself.
+//!
+//! Capabilities are per thread: both run on the main thread before any
+//! other thread starts, so every thread sluice makes inherits the sets. The
+//! capabilities also go into the inheritable and ambient sets so that the
+//! `iptables-save`/`iptables-restore` sluice runs get them as a non-root
+//! user too.
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -16,6 +26,21 @@ pub enum Error {
     Caps(#[from] caps::errors::CapsError),
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] std::io::Error),
+}
+
+/// Makes every permitted capability effective and, for a non-root user,
+/// inheritable and ambient (a root user's children get theirs from the
+/// bounding set). Returns the effective set.
+pub fn activate() -> Result<CapsHashSet, Error> {
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    caps::set(None, CapSet::Effective, &permitted)?;
+    if !nix::unistd::geteuid().is_root() {
+        caps::set(None, CapSet::Inheritable, &permitted)?;
+        for cap in &permitted {
+            caps::raise(None, CapSet::Ambient, *cap)?;
+        }
+    }
+    Ok(permitted)
 }
 
 /// Keeps only `keep` (those of it sluice holds) in every capability set,

@@ -249,6 +249,34 @@ fn readiness_follows_the_interception_and_the_drain() {
     assert!(removed.status.success(), "{removed:?}");
 }
 
+/// ebpf mode's readiness reads sluice's own program back through the
+/// descriptors sluice holds: ready while it is attached with the flags'
+/// policy, not ready once `rules remove --pin` detaches it under sluice.
+#[test]
+fn ebpf_readiness_follows_sluices_own_program() {
+    let bpffs = BpfFs::mount();
+    let pin = bpffs.path().join("sluice");
+    let pin = pin.to_str().expect("a UTF-8 path");
+    let topology = ClientPod::new("ebpfready").expect("topology");
+    let sluice = Sluice::run(
+        &topology.pod,
+        &["--mode", "ebpf", "--ports", "9080", "--pin", pin],
+    );
+    let ready = pod_v4(READINESS);
+    readiness_becomes(&topology.client, ready, 200, &sluice);
+
+    let removed = sluice_cli(
+        &topology.pod,
+        &["rules", "remove", "--mode", "ebpf", "--pin", pin],
+    );
+    assert!(removed.status.success(), "{removed:?}");
+    readiness_says(&topology.client, ready, 503, "does not match", &sluice);
+    let (status, dump) = get(&topology.pod, admin(), "/config_dump");
+    assert_eq!(status, 200);
+    assert!(dump.contains("no longer attached"), "{dump}");
+    sluice.stop();
+}
+
 #[test]
 fn config_dump_reflects_the_flags_and_admin_is_local_only() {
     let topology = ClientPod::new("dump").expect("topology");
@@ -498,13 +526,14 @@ fn runs_unprivileged_with_only_net_admin_and_net_raw() {
     );
 }
 
-/// As root the bounding set shrinks too, and ebpf mode keeps what its
-/// readiness needs (CAP_SYS_ADMIN to read the attached program).
+/// As root the bounding set shrinks too; ebpf mode keeps NET_ADMIN only
+/// (readiness reads the program back through sluice's own descriptors), also
+/// with the sockmap forwarder (its ring buffers are made before the drop).
 #[test]
 fn root_keeps_only_what_each_mode_needs() {
-    for (mode, caps) in [("tproxy", 0x3000u64), ("ebpf", 0x20_1000)] {
+    for (mode, caps) in [("tproxy", 0x3000u64), ("ebpf", 0x1000)] {
         let topology = ClientPod::new(&format!("caps{mode}")).expect("topology");
-        let mut args = vec!["--mode", mode, "--ports", "9080"];
+        let mut args = vec!["--mode", mode, "--ports", "9080", "--forward", "sockmap"];
         if mode != "ebpf" {
             args.push("--install-rules");
         }
@@ -522,5 +551,163 @@ fn root_keeps_only_what_each_mode_needs() {
         assert_eq!(hex("CapBnd:"), caps, "{mode}: {status}");
         readiness_becomes(&topology.client, pod_v4(READINESS), 200, &sluice);
         sluice.stop();
+    }
+}
+
+/// A copy of the sluice binary carrying the file capabilities the manifests
+/// tell the image to set; removed on drop.
+struct FileCapsBinary {
+    dir: std::path::PathBuf,
+}
+
+impl FileCapsBinary {
+    fn new() -> FileCapsBinary {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("filecaps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("make the directory of the copy");
+        let binary = FileCapsBinary { dir };
+        std::fs::copy(env!("CARGO_BIN_EXE_sluice"), binary.path()).expect("copy sluice");
+        let set = std::process::Command::new("setcap")
+            .arg(IMAGE_FILE_CAPS)
+            .arg(binary.path())
+            .output()
+            .expect("run setcap (libcap2-bin)");
+        assert!(set.status.success(), "setcap: {set:?}");
+        binary
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.join("sluice")
+    }
+}
+
+impl Drop for FileCapsBinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Each thread's `name` line of /proc/PID/task/*/status.
+fn task_status_fields(pid: u32, name: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks
+        .map(|task| {
+            let status = std::fs::read_to_string(task.expect("task").path().join("status"))
+                .expect("task status");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// As a pod runs sluice with the manifests under deploy/: uid 65534, the
+/// capabilities its mode's manifest grants and no other (the bounding
+/// set), no_new_privs (`allowPrivilegeEscalation: false`), and those
+/// capabilities coming from the binary's file capabilities, since
+/// Kubernetes gives a non-root container no ambient ones. In every mode
+/// sluice intercepts, becomes ready, keeps only what the rest of its run
+/// needs, and removes what it installed.
+#[test]
+fn runs_as_uid_65534_with_the_manifests_capabilities_in_every_mode() {
+    let binary = FileCapsBinary::new();
+    let program = binary.path();
+    // (mode, forwarder, the capabilities kept after start-up)
+    for (mode, forward, kept) in [
+        ("tproxy", "copy", "0000000000003000"),
+        ("redirect", "splice", "0000000000003000"),
+        ("ebpf", "sockmap", "0000000000001000"),
+    ] {
+        let granted = manifest_capabilities(mode);
+        let bounding = std::iter::once("-all".to_string())
+            .chain(granted.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",");
+        let bounding = format!("--bounding-set={bounding}");
+        let wrapper = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            bounding.as_str(),
+            "--no-new-privs",
+            "--",
+        ];
+        let topology = ClientPod::new(&format!("fcap{mode}")).expect("topology");
+        let workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+        let mut args = vec!["--mode", mode, "--ports", "9080", "--forward", forward];
+        match mode {
+            // As sluice-tproxy.yaml: an init container installs the rules.
+            "tproxy" => {
+                let mut install = std::process::Command::new(wrapper[0]);
+                install
+                    .args(&wrapper[1..])
+                    .arg(&program)
+                    .args(["rules", "install", "--mode", mode, "--ports", "9080"]);
+                let installed = topology.pod.output(&mut install).expect("rules install");
+                assert!(installed.status.success(), "{mode}: {installed:?}");
+            }
+            "redirect" => args.push("--install-rules"),
+            _ => args.extend(["--sockmap-after", "0"]),
+        }
+        let launch = Launch {
+            wrapper: &wrapper,
+            program: Some(&program),
+            ..Launch::default()
+        };
+        let mut sluice = Sluice::launch(&topology.pod, &launch, &args);
+
+        // An echo before the half-close: the sockmap forwarder joins a
+        // connection whose client has not sent its FIN yet.
+        let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+        echo_once(&mut stream, b"unprivileged");
+        assert_eq!(
+            exchange(stream, b"and on".to_vec()),
+            [b"and on".as_slice(), TRAILER].concat(),
+            "{mode}"
+        );
+        assert_eq!(workload.via_sluice.load(Ordering::SeqCst), 1, "{mode}");
+        readiness_becomes(&topology.client, pod_v4(READINESS), 200, &sluice);
+        let metrics = get(&topology.client, pod_v4(METRICS), "/metrics").1;
+        let build = format!(
+            "sluice_build_info{{version=\"{}\",mode=\"{mode}\",forwarder=\"{forward}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&metrics, &build), 1.0, "{mode}: {}", sluice.log());
+        assert_eq!(
+            sample(&metrics, "sluice_forwarder_fallbacks_total"),
+            0.0,
+            "{mode}: {}",
+            sluice.log()
+        );
+
+        for (field, want) in [
+            ("Uid:", "65534\t65534\t65534\t65534"),
+            ("CapEff:", kept),
+            ("CapPrm:", kept),
+            ("NoNewPrivs:", "1"),
+        ] {
+            for value in task_status_fields(sluice.pid(), field) {
+                assert_eq!(value, want, "{mode}: {field}");
+            }
+        }
+        sluice.signal(libc::SIGTERM);
+        let status = sluice.wait_exit();
+        assert!(status.success(), "{mode}: {status}; log:\n{}", sluice.log());
+        if mode == "redirect" {
+            let saved = topology
+                .pod
+                .output(&mut std::process::Command::new("iptables-save"))
+                .expect("iptables-save");
+            assert!(
+                !String::from_utf8_lossy(&saved.stdout).contains("SLUICE"),
+                "the unprivileged sluice could not remove its rules; log:\n{}",
+                sluice.log()
+            );
+        }
     }
 }

@@ -3,49 +3,16 @@
 //! sluice's own command line (`--dry-run`), the init container and the
 //! sidecar agree on the policy, the probes and the scrape annotation point
 //! at sluice's defaults, the grace period fits the drain, and each sluice
-//! container is granted exactly the capabilities its mode needs.
+//! container runs as a non-root user, granted exactly the capabilities its
+//! mode needs, which the image's binary carries as file capabilities.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use common::*;
 use netlab::Netns;
-use yaml_rust2::{Yaml, YamlLoader};
-
-fn manifests() -> Vec<(PathBuf, Vec<Yaml>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("deploy/ exists") {
-        let path = entry.expect("deploy/ entry").path();
-        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            let text = std::fs::read_to_string(&path).expect("read manifest");
-            let docs = YamlLoader::load_from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
-            found.push((path, docs));
-        }
-    }
-    found.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(!found.is_empty(), "no manifest in {}", dir.display());
-    found
-}
-
-fn strings(yaml: &Yaml) -> Vec<String> {
-    yaml.as_vec()
-        .map(|v| {
-            v.iter()
-                .map(|s| s.as_str().expect("a string").to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn is_sluice(container: &Yaml) -> bool {
-    container["image"]
-        .as_str()
-        .is_some_and(|image| image.contains("sluice"))
-}
+use yaml_rust2::Yaml;
 
 /// Runs sluice with `args` in a namespace of its own (a broken --dry-run
 /// could touch nothing else); its stdout on success.
@@ -70,9 +37,23 @@ fn run_config(ns: &Netns, args: &[String]) -> serde_json::Value {
 fn capabilities(container: &Yaml) -> (BTreeSet<String>, BTreeSet<String>) {
     let caps = &container["securityContext"]["capabilities"];
     (
-        strings(&caps["add"]).into_iter().collect(),
-        strings(&caps["drop"]).into_iter().collect(),
+        yaml_strings(&caps["add"]).into_iter().collect(),
+        yaml_strings(&caps["drop"]).into_iter().collect(),
     )
+}
+
+/// Not root, said so (`runAsNonRoot`: the kubelet refuses to start the
+/// container as root), and no way to gain privileges (`no_new_privs`).
+fn assert_non_root(container: &Yaml, name: &str) {
+    let context = &container["securityContext"];
+    assert_eq!(context["runAsNonRoot"].as_bool(), Some(true), "{name}");
+    let user = context["runAsUser"].as_i64().expect("runAsUser");
+    assert!(user > 0, "{name}: runAsUser {user}");
+    assert_eq!(
+        context["allowPrivilegeEscalation"].as_bool(),
+        Some(false),
+        "{name}"
+    );
 }
 
 fn port_of(addr: &serde_json::Value) -> i64 {
@@ -92,6 +73,11 @@ fn manifests_agree_with_sluice() {
     let mut sidecars = 0;
     for (path, docs) in manifests() {
         let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).expect("read manifest");
+        assert!(
+            text.contains(&format!("setcap {IMAGE_FILE_CAPS}")),
+            "{name}: the image's file capabilities are not the ones the tests run sluice with"
+        );
         for doc in docs
             .iter()
             .filter(|d| d["kind"].as_str() == Some("Deployment"))
@@ -121,9 +107,9 @@ fn manifests_agree_with_sluice() {
             assert_eq!(sidecar.len(), 1, "{name}: one sluice sidecar");
             let sidecar = sidecar[0];
             sidecars += 1;
-            let args = strings(&sidecar["args"]);
+            let args = yaml_strings(&sidecar["args"]);
             assert_eq!(args.first().map(String::as_str), Some("run"), "{name}");
-            assert_eq!(strings(&sidecar["command"]), ["sluice"], "{name}");
+            assert_eq!(yaml_strings(&sidecar["command"]), ["sluice"], "{name}");
             let config = run_config(&ns, &args);
             let mode = config["policy"]["mode"].as_str().expect("mode").to_string();
 
@@ -167,17 +153,13 @@ fn manifests_agree_with_sluice() {
 
             // Exactly the capabilities the mode needs; everything else dropped.
             let needed = match mode.as_str() {
-                "ebpf" => set(&["NET_ADMIN", "BPF", "SYS_ADMIN"]),
+                "ebpf" => set(&["NET_ADMIN", "BPF"]),
                 _ => set(&["NET_ADMIN", "NET_RAW"]),
             };
             let (add, drop) = capabilities(sidecar);
             assert_eq!(add, needed, "{name}: sidecar capabilities in {mode} mode");
             assert_eq!(drop, set(&["ALL"]), "{name}");
-            assert_eq!(
-                sidecar["securityContext"]["allowPrivilegeEscalation"].as_bool(),
-                Some(false),
-                "{name}"
-            );
+            assert_non_root(sidecar, &name);
 
             // The init container installs what the sidecar expects.
             let installers: Vec<&Yaml> = init
@@ -190,7 +172,7 @@ fn manifests_agree_with_sluice() {
                 _ => {
                     assert_eq!(installers.len(), 1, "{name}: one init container");
                     let installer = installers[0];
-                    let args = strings(&installer["args"]);
+                    let args = yaml_strings(&installer["args"]);
                     assert_eq!(args[..2], ["rules", "install"], "{name}");
                     let mut dry = args.clone();
                     dry.push("--dry-run".into());
@@ -209,6 +191,7 @@ fn manifests_agree_with_sluice() {
                     let (add, drop) = capabilities(installer);
                     assert_eq!(add, set(&["NET_ADMIN", "NET_RAW"]), "{name}: init");
                     assert_eq!(drop, set(&["ALL"]), "{name}: init");
+                    assert_non_root(installer, &name);
                 }
             }
         }

@@ -26,7 +26,7 @@ mod metrics;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -141,8 +141,13 @@ impl Listeners {
 pub enum Expected {
     /// tproxy, redirect: these rules and routes (`sluice rules show`).
     Rules(Plan),
-    /// ebpf: a sk_lookup program with this policy in its maps.
-    Ebpf(ebpf::EbpfPolicy),
+    /// ebpf: sluice's own sk_lookup program, attached, with this policy in
+    /// its maps. Weak: the run owns the program, and detaches it on the way
+    /// out whatever the admin side is doing.
+    Ebpf {
+        wanted: ebpf::EbpfPolicy,
+        interceptor: Weak<ebpf::Interceptor>,
+    },
 }
 
 /// The last comparison of what is installed with [`Expected`].
@@ -162,15 +167,30 @@ impl Expected {
                 Ok(status) => (status.matches(), status.to_string()),
                 Err(error) => (false, format!("cannot read the rules: {}", chain(&error))),
             },
-            Expected::Ebpf(wanted) => match ebpf::installed() {
-                Ok(programs) => (
-                    programs.iter().any(|p| p.policy.as_ref() == Some(wanted)),
-                    programs.iter().map(ToString::to_string).collect(),
-                ),
-                Err(error) => (
+            Expected::Ebpf {
+                wanted,
+                interceptor,
+            } => match interceptor.upgrade() {
+                None => (
                     false,
-                    format!("cannot read the attached programs: {}", chain(&error)),
+                    "the sk_lookup program is detached: sluice is stopping".into(),
                 ),
+                Some(interceptor) => match interceptor.installed() {
+                    Ok(Some(program)) => {
+                        (program.policy.as_ref() == Some(wanted), program.to_string())
+                    }
+                    Ok(None) => (
+                        false,
+                        format!(
+                            "sluice's link {} is no longer attached to this network namespace",
+                            interceptor.link_id()
+                        ),
+                    ),
+                    Err(error) => (
+                        false,
+                        format!("cannot read the sk_lookup program back: {}", chain(&error)),
+                    ),
+                },
             },
         };
         Interception {

@@ -78,14 +78,14 @@ pub enum Forwarding {
 }
 
 impl Forwarding {
-    /// Sets `forwarder` up. Where the kernel refuses the sockmap forwarder
-    /// (no CAP_BPF/CAP_NET_ADMIN, an old kernel) this says so in one log
-    /// line and forwards with copy instead.
-    pub fn new(forwarder: Forwarder, sockmap_after: Duration) -> Forwarding {
+    /// Sets `forwarder` up for `workers` data-path threads. Where the kernel
+    /// refuses the sockmap forwarder (no CAP_BPF/CAP_NET_ADMIN, an old
+    /// kernel) this says so in one log line and forwards with copy instead.
+    pub fn new(forwarder: Forwarder, sockmap_after: Duration, workers: usize) -> Forwarding {
         match forwarder {
             Forwarder::Copy => Forwarding::Copy,
             Forwarder::Splice => Forwarding::Splice,
-            Forwarder::Sockmap => match sockmap::SockmapEngine::new() {
+            Forwarder::Sockmap => match sockmap::SockmapEngine::new(workers) {
                 Ok(engine) => Forwarding::Sockmap {
                     engine: Arc::new(engine),
                     after: sockmap_after,

@@ -4,8 +4,11 @@
 //! User space only joins the sockets, watches them for FIN and errors, passes
 //! those on, and cleans up.
 //!
-//! [`SockmapEngine`] loads the program and its maps once per process; every
-//! worker shares it (map updates by descriptor are thread-safe).
+//! [`SockmapEngine`] loads the program and its maps once per process, with
+//! a ring buffer for each worker (see "A slow peer"); every worker shares it
+//! (map updates by descriptor are thread-safe). Everything is made there,
+//! before `sluice run` drops CAP_BPF: using the objects afterwards, through
+//! the descriptors sluice holds, needs no capability.
 //!
 //! ## Joining
 //!
@@ -79,8 +82,8 @@ use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Once, PoisonError};
 use std::time::{Duration, Instant};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -165,6 +168,8 @@ pub enum Error {
         #[source]
         source: libbpf_rs::Error,
     },
+    #[error("the sockmap forwarder serves at most {MAX_WORKERS} workers, not {0}")]
+    TooManyWorkers(usize),
     #[error("{op}")]
     Map {
         op: &'static str,
@@ -180,9 +185,9 @@ pub struct SockmapEngine {
     socks: MapHandle,
     targets: MapHandle,
     peers: MapHandle,
-    events: MapHandle,
-    /// Entries of `events` handed out, one per worker.
-    workers: AtomicU32,
+    /// The workers' ring buffers not taken yet, each already in
+    /// `sl_events` at its index.
+    rings: Mutex<Vec<(u32, MapHandle)>>,
 }
 
 impl fmt::Debug for SockmapEngine {
@@ -192,7 +197,12 @@ impl fmt::Debug for SockmapEngine {
 }
 
 impl SockmapEngine {
-    pub fn new() -> Result<SockmapEngine, Error> {
+    /// The program, its maps, and a ring buffer for each of `workers`.
+    pub fn new(workers: usize) -> Result<SockmapEngine, Error> {
+        let workers = u32::try_from(workers)
+            .ok()
+            .filter(|&n| n <= MAX_WORKERS)
+            .ok_or(Error::TooManyWorkers(workers))?;
         static LOGGING: Once = Once::new();
         // libbpf's warnings (the verifier log among them) go to the log.
         LOGGING.call_once(|| {
@@ -212,12 +222,17 @@ impl SockmapEngine {
                 source,
             })
         };
+        // Popped from the end: worker 0 takes index 0. sl_events itself
+        // stays with the program that reads it.
+        let rings = (0..workers)
+            .rev()
+            .map(|index| Ok((index, ring_at(&loaded.maps.sl_events, index)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
         let engine = SockmapEngine {
             socks: dup(&loaded.maps.sl_socks)?,
             targets: dup(&loaded.maps.sl_targets)?,
             peers: dup(&loaded.maps.sl_peers)?,
-            events: dup(&loaded.maps.sl_events)?,
-            workers: AtomicU32::new(0),
+            rings: Mutex::new(rings),
         };
         // The map keeps the program once attached; the skeleton (and its
         // descriptors) can go at the end of this function.
@@ -237,6 +252,35 @@ impl SockmapEngine {
             })?;
         Ok(engine)
     }
+}
+
+/// A worker's ring buffer, put in `events` (`sl_events`) at `index` for the
+/// program to write to.
+fn ring_at(events: &impl MapCore, index: u32) -> Result<MapHandle, Error> {
+    let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let ring = MapHandle::create(
+        MapType::RingBuf,
+        Some("sl_worker_ring"),
+        0,
+        0,
+        EVENTS_BYTES,
+        &opts,
+    )
+    .map_err(|source| Error::Map {
+        op: "making a worker's ring buffer",
+        source,
+    })?;
+    let fd = u32::try_from(ring.as_fd().as_raw_fd()).unwrap_or(u32::MAX);
+    events
+        .update(&index.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|source| Error::Map {
+            op: "putting a worker's ring buffer in sl_events",
+            source,
+        })?;
+    Ok(ring)
 }
 
 fn load_error(source: libbpf_rs::Error) -> Error {
@@ -281,37 +325,21 @@ thread_local! {
 }
 
 impl Events {
-    /// This worker's, made when it starts: its ring buffer, its entry in
-    /// `sl_events`, and a task on its runtime that wakes the directions the
-    /// program names.
+    /// This worker's, taken when it starts: a ring buffer the engine made,
+    /// and a task on its runtime that wakes the directions the program
+    /// names.
     fn of_this_worker(engine: &SockmapEngine) -> io::Result<Rc<Events>> {
         if let Some(events) = EVENTS.with(|events| events.borrow().clone()) {
             return Ok(events);
         }
-        let index = engine.workers.fetch_add(1, Ordering::Relaxed);
-        if index >= MAX_WORKERS {
-            return Err(io::Error::other(format!(
-                "sockmap: more than {MAX_WORKERS} workers"
-            )));
-        }
-        let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
-            sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
-            ..Default::default()
-        };
-        let map = MapHandle::create(
-            MapType::RingBuf,
-            Some("sl_worker_ring"),
-            0,
-            0,
-            EVENTS_BYTES,
-            &opts,
-        )
-        .map_err(io::Error::other)?;
-        let fd = u32::try_from(map.as_fd().as_raw_fd()).unwrap_or(u32::MAX);
-        engine
-            .events
-            .update(&index.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-            .map_err(io::Error::other)?;
+        let (index, map) = engine
+            .rings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .ok_or_else(|| {
+                io::Error::other("sockmap: more workers than the engine made ring buffers for")
+            })?;
         let waiting: Rc<RefCell<HashMap<u64, Rc<Notify>>>> = Rc::default();
         let wake = waiting.clone();
         let mut builder = libbpf_rs::RingBufferBuilder::new();

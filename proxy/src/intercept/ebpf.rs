@@ -520,6 +520,35 @@ impl Interceptor {
         self.pinned.as_deref()
     }
 
+    /// This interceptor's program as the kernel holds it now, read through
+    /// the descriptors it owns: unlike [`installed`], which finds links by
+    /// id, this needs no capability. `None` once the link is no longer
+    /// attached to its namespace (`sluice rules remove --pin` detaches it).
+    pub fn installed(&self) -> Result<Option<Installed>, Error> {
+        let info = self.link.info().map_err(|source| Error::Map {
+            op: "reading the link's state".into(),
+            source,
+        })?;
+        // A detached netns link reports namespace 0.
+        let attached = matches!(
+            &info.info,
+            libbpf_rs::query::LinkTypeInfo::NetNs(n) if u64::from(n.ino) == self.netns.ino
+        );
+        if !attached {
+            return Ok(None);
+        }
+        Ok(Some(Installed {
+            link_id: self.link_id,
+            prog_id: self.prog_id,
+            program: PROGRAM_NAME.into(),
+            policy: Some(self.policy()?),
+            listeners: [
+                self.maps.listener_cookie(LISTENER_V4)?,
+                self.maps.listener_cookie(LISTENER_V6)?,
+            ],
+        }))
+    }
+
     /// The policy as the maps hold it now.
     pub fn policy(&self) -> Result<EbpfPolicy, Error> {
         let encoded = self.maps.read()?;
@@ -546,8 +575,10 @@ fn refuse_a_second_program(netns: &kernel::Netns, keep: Option<u32>) -> Result<(
             }
             Ok(())
         }
+        // Not granted (the manifests do not grant it): the check is skipped,
+        // not the start.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            tracing::warn!("without CAP_SYS_ADMIN sluice cannot check whether another sluice already intercepts this namespace");
+            tracing::info!("without CAP_SYS_ADMIN sluice cannot check whether another sluice already intercepts this namespace");
             Ok(())
         }
         Err(e) => Err(Error::Query(e)),

@@ -157,7 +157,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     };
     // Declared after the listeners, so dropped before them: no window where
     // the program steers SYNs to closed sockets.
-    let _program = match policy.mode {
+    let program = match policy.mode {
         Mode::Ebpf => Some(AttachedProgram::attach(
             &policy,
             ipv6,
@@ -167,9 +167,11 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         _ => None,
     };
 
-    // Once for all workers: the sockmap forwarder's program and maps.
-    let forwarding = forward::Forwarding::new(options.forwarder, options.sockmap_after);
-    drop_capabilities(policy.mode, forwarding.forwarder())?;
+    // Once for all workers, before the capabilities go: the sockmap
+    // forwarder's program, maps and each worker's ring buffer.
+    let forwarding =
+        forward::Forwarding::new(options.forwarder, options.sockmap_after, options.workers);
+    drop_capabilities(policy.mode)?;
     let settings = Arc::new(Settings {
         mode: policy.mode,
         proxy_port: policy.proxy_port,
@@ -185,9 +187,12 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
     let (exits_tx, exits) = mpsc::channel();
     let (started_tx, started_rx) = mpsc::channel();
     let stats: Vec<Arc<WorkerStats>> = (0..options.workers).map(|_| Arc::default()).collect();
-    let expected = match policy.mode {
-        Mode::Ebpf => admin::Expected::Ebpf(ebpf::EbpfPolicy::from_policy(&policy)),
-        Mode::Tproxy | Mode::Redirect => admin::Expected::Rules(Plan::for_families(&policy, ipv6)),
+    let expected = match &program {
+        Some(program) => admin::Expected::Ebpf {
+            wanted: ebpf::EbpfPolicy::from_policy(&policy),
+            interceptor: Arc::downgrade(&program.interceptor),
+        },
+        None => admin::Expected::Rules(Plan::for_families(&policy, ipv6)),
     };
     let shared = Arc::new(admin::Shared::new(
         stats.clone(),
@@ -242,24 +247,21 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
 }
 
 /// Keeps only the capabilities the rest of the run needs, and sets
-/// `no_new_privs`. Binding the transparent listeners, installing the rules
-/// and loading BPF programs are done by now.
-fn drop_capabilities(mode: Mode, forwarder: Forwarder) -> Result<(), Error> {
+/// `no_new_privs`. Binding the transparent listeners, installing the rules,
+/// loading the BPF programs and making every BPF object (the sockmap
+/// forwarder's ring buffers among them) are done by now; what is left uses
+/// BPF objects through the descriptors sluice holds, which needs no
+/// capability (Linux 5.19 and later, also with
+/// kernel.unprivileged_bpf_disabled set).
+fn drop_capabilities(mode: Mode) -> Result<(), Error> {
     use caps::Capability;
-    // NET_ADMIN: readiness reads the rules (iptables-save) and the routes;
-    // --install-rules removes them at exit; ebpf mode removes ::6 from lo.
+    // NET_ADMIN: each upstream socket's IP_TRANSPARENT and SO_MARK; readiness
+    // reads the rules (iptables-save) and the routes; --install-rules removes
+    // them at exit; ebpf mode removes ::6 from lo and its policy route.
     let mut keep = vec![Capability::CAP_NET_ADMIN];
-    match mode {
+    if matches!(mode, Mode::Tproxy | Mode::Redirect) {
         // iptables-legacy reads the rules through a raw socket.
-        Mode::Tproxy | Mode::Redirect => keep.push(Capability::CAP_NET_RAW),
-        // Readiness finds the sk_lookup link and reads its maps by id
-        // (BPF_*_GET_FD_BY_ID), which only CAP_SYS_ADMIN may.
-        Mode::Ebpf => keep.push(Capability::CAP_SYS_ADMIN),
-    }
-    if forwarder == Forwarder::Sockmap {
-        // Each connection is put in the sockmap by descriptor; kept in case
-        // the kernel checks it there too.
-        keep.push(Capability::CAP_BPF);
+        keep.push(Capability::CAP_NET_RAW);
     }
     let kept = privileges::keep_only(&keep)?;
     let mut names: Vec<String> = kept.iter().map(ToString::to_string).collect();
@@ -408,7 +410,9 @@ impl Control {
 /// `::6` bypass source and the policy route of the mark, see
 /// `linux::bypass_socket`), which no rules install in this mode.
 struct AttachedProgram {
-    _interceptor: ebpf::Interceptor,
+    /// Shared with readiness, which reads the program back through it; the
+    /// run keeps the only strong reference, so the program goes with it.
+    interceptor: Arc<ebpf::Interceptor>,
     _routing: Option<Installed>,
 }
 
@@ -435,7 +439,7 @@ impl AttachedProgram {
         let interceptor = attached.map_err(Error::Ebpf)?;
         info!(link = interceptor.link_id(), pinned = ?pin, "sk_lookup program attached");
         Ok(AttachedProgram {
-            _interceptor: interceptor,
+            interceptor: Arc::new(interceptor),
             // A pinned program outlives sluice, and so must its routing.
             _routing: if pin.is_some() {
                 routing.keep();

@@ -327,6 +327,9 @@ pub struct Launch<'a> {
     /// A command and its arguments sluice runs under (`setpriv`, `prlimit`).
     pub wrapper: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
+    /// The sluice binary (default: the one cargo built), e.g. a copy with
+    /// file capabilities.
+    pub program: Option<&'a std::path::Path>,
 }
 
 /// A `sluice` process in the pod namespace. Its log lines are collected; it
@@ -353,13 +356,16 @@ impl Sluice {
     }
 
     pub fn launch(pod: &Netns, launch: &Launch<'_>, args: &[&str]) -> Sluice {
+        let sluice = launch
+            .program
+            .unwrap_or(std::path::Path::new(env!("CARGO_BIN_EXE_sluice")));
         let mut command = match launch.wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut command = Command::new(program);
-                command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_sluice"));
+                command.args(wrapper_args).arg(sluice);
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+            None => Command::new(sluice),
         };
         command
             .envs(launch.env.iter().copied())
@@ -707,6 +713,74 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("{series}: {e}"))
+}
+
+/// The Kubernetes manifests under deploy/, parsed: (file, documents).
+pub fn manifests() -> Vec<(std::path::PathBuf, Vec<yaml_rust2::Yaml>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("deploy/ exists") {
+        let path = entry.expect("deploy/ entry").path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let text = std::fs::read_to_string(&path).expect("read manifest");
+            let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            found.push((path, docs));
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!found.is_empty(), "no manifest in {}", dir.display());
+    found
+}
+
+/// A YAML list of strings (empty when absent).
+pub fn yaml_strings(yaml: &yaml_rust2::Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn is_sluice(container: &yaml_rust2::Yaml) -> bool {
+    container["image"]
+        .as_str()
+        .is_some_and(|image| image.contains("sluice"))
+}
+
+/// What the image's sluice binary must carry (the manifests say so): the
+/// capabilities of every mode, permitted only; sluice raises what the pod
+/// grants.
+pub const IMAGE_FILE_CAPS: &str = "cap_net_admin,cap_net_raw,cap_bpf+p";
+
+/// The capabilities the manifest of `mode` grants its sluice sidecar
+/// (`NET_ADMIN`, ...). Redirect has no manifest: it needs what tproxy's
+/// grants (iptables, policy routing).
+pub fn manifest_capabilities(mode: &str) -> Vec<String> {
+    let mode = if mode == "redirect" { "tproxy" } else { mode };
+    let mut found = Vec::new();
+    for (_, docs) in manifests() {
+        for doc in docs
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some("Deployment"))
+        {
+            let spec = &doc["spec"]["template"]["spec"];
+            for container in spec["initContainers"].as_vec().into_iter().flatten() {
+                let args = yaml_strings(&container["args"]);
+                let sidecar = container["restartPolicy"].as_str() == Some("Always");
+                let this_mode = args.windows(2).any(|w| w[0] == "--mode" && w[1] == mode);
+                if is_sluice(container) && sidecar && this_mode {
+                    found.push(yaml_strings(
+                        &container["securityContext"]["capabilities"]["add"],
+                    ));
+                }
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "one {mode} sidecar in deploy/: {found:?}");
+    found.remove(0)
 }
 
 /// A private BPF filesystem, unmounted (with whatever is pinned in it) on

@@ -39,9 +39,14 @@ impl Netns {
         self.file.as_fd()
     }
 
-    /// Runs `f` on a short-lived thread inside this namespace, leaving the
-    /// caller's thread where it is.
+    /// Runs `f` inside this namespace, leaving the caller's thread where it
+    /// is: on a short-lived thread, or on the caller's when it is there
+    /// already (no `setns`, which needs CAP_SYS_ADMIN, long dropped when
+    /// readiness reads the policy back).
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> io::Result<R> {
+        if Netns::current()?.ino == self.ino {
+            return Ok(f());
+        }
         let fd = self.fd();
         thread::scope(|s| {
             s.spawn(move || {
