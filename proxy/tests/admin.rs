@@ -211,7 +211,8 @@ fn readiness_follows_the_interception_and_the_drain() {
     );
     let ready = pod_v4(READINESS);
 
-    readiness_says(&topology.client, ready, 503, "does not match", &sluice);
+    let body = readiness_says(&topology.client, ready, 503, "does not match", &sluice);
+    assert_says_only_why(&body);
 
     let installed = sluice_cli(&topology.pod, &["rules", "install", "--ports", "9080"]);
     assert!(installed.status.success(), "{installed:?}");
@@ -227,7 +228,8 @@ fn readiness_follows_the_interception_and_the_drain() {
         ]))
         .expect("iptables -F");
     assert!(flushed.status.success(), "{flushed:?}");
-    readiness_becomes(&topology.client, ready, 503, &sluice);
+    let body = readiness_becomes(&topology.client, ready, 503, &sluice);
+    assert_says_only_why(&body);
 
     let installed = sluice_cli(&topology.pod, &["rules", "install", "--ports", "9080"]);
     assert!(installed.status.success(), "{installed:?}");
@@ -247,6 +249,16 @@ fn readiness_follows_the_interception_and_the_drain() {
     assert!(status.success(), "{status}; log:\n{}", sluice.log());
     let removed = sluice_cli(&topology.pod, &["rules", "remove"]);
     assert!(removed.status.success(), "{removed:?}");
+}
+
+/// A not-ready answer on the port open to the network: why, in one short
+/// line, and nothing of what is installed (the admin address shows that).
+fn assert_says_only_why(body: &str) {
+    assert_eq!(body.lines().count(), 1, "{body}");
+    assert!(body.len() < 200, "{body}");
+    for installed in ["SLUICE", "table", "-A ", "fwmark"] {
+        assert!(!body.contains(installed), "{body}");
+    }
 }
 
 /// ebpf mode's readiness reads sluice's own program back through the
@@ -270,7 +282,8 @@ fn ebpf_readiness_follows_sluices_own_program() {
         &["rules", "remove", "--mode", "ebpf", "--pin", pin],
     );
     assert!(removed.status.success(), "{removed:?}");
-    readiness_says(&topology.client, ready, 503, "does not match", &sluice);
+    let body = readiness_says(&topology.client, ready, 503, "does not match", &sluice);
+    assert_says_only_why(&body);
     let (status, dump) = get(&topology.pod, admin(), "/config_dump");
     assert_eq!(status, 200);
     assert!(dump.contains("no longer attached"), "{dump}");

@@ -276,23 +276,25 @@ impl Shared {
             .clone()
     }
 
-    /// `Ok` when sluice should receive traffic; else why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when sluice should receive traffic; else why not, in one short
+    /// sentence: the readiness port is open to the network, so what is
+    /// installed is shown on the admin address only.
+    pub fn readiness(&self) -> Result<(), &'static str> {
         if crate::server::worker_panicked() {
-            return Err("a worker panicked; sluice is stopping".into());
+            return Err("a worker panicked; sluice is stopping");
         }
         if !self.workers_running.load(Ordering::SeqCst) {
-            return Err("the workers are starting".into());
+            return Err("the workers are starting");
         }
         if self.draining() {
-            return Err("sluice is draining (stopping)".into());
+            return Err("sluice is draining (stopping)");
         }
         match self.interception() {
-            None => Err("the interception has not been checked yet".into()),
-            Some(i) if !i.matches => Err(format!(
-                "the interception installed does not match the flags (not installed yet, or changed since):\n{}",
-                i.installed
-            )),
+            None => Err("the interception has not been checked yet"),
+            Some(i) if !i.matches => Err(
+                "the interception installed does not match the flags (not installed yet, or changed since); \
+                 GET /config_dump on the admin address shows it",
+            ),
             Some(_) => Ok(()),
         }
     }
