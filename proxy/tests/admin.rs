@@ -724,3 +724,211 @@ fn runs_as_uid_65534_with_the_manifests_capabilities_in_every_mode() {
         }
     }
 }
+
+/// Wrappers for the tools sluice runs (`iptables-save` and the like), each
+/// start counted in a file: how many processes sluice spawned.
+struct CountedTools {
+    dir: std::path::PathBuf,
+}
+
+impl CountedTools {
+    const TOOLS: [&str; 4] = [
+        "iptables-save",
+        "ip6tables-save",
+        "iptables-restore",
+        "ip6tables-restore",
+    ];
+
+    fn new() -> CountedTools {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("counted-tools-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("make the wrappers' directory");
+        let tools = CountedTools { dir };
+        let path = std::env::var("PATH").expect("PATH");
+        for tool in Self::TOOLS {
+            let real = std::env::split_paths(&path)
+                .map(|dir| dir.join(tool))
+                .find(|candidate| candidate.is_file())
+                .unwrap_or_else(|| panic!("{tool} is not installed"));
+            let wrapper = tools.dir.join(tool);
+            let script = format!(
+                "#!/bin/sh\necho \"$0 $*\" >> {}\nexec {} \"$@\"\n",
+                tools.log().display(),
+                real.display()
+            );
+            std::fs::write(&wrapper, script).expect("write a wrapper");
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+                .expect("make a wrapper executable");
+        }
+        tools
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.join("started")
+    }
+
+    /// `PATH` with the wrappers first.
+    fn path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.display(),
+            std::env::var("PATH").expect("PATH")
+        )
+    }
+
+    /// The tools started so far.
+    fn started(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log())
+            .map(|log| log.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for CountedTools {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// 1,000 connections to the metrics and readiness ports, each sending a
+/// request and never reading the answer, and probes throughout, while
+/// sluice has few descriptors (256): the admin side holds no more than its
+/// cap of them, the data path forwards throughout, and the readiness
+/// checks start at most one `iptables-save` per family a second, and none
+/// once nobody asks.
+#[test]
+fn an_admin_flood_neither_starves_the_data_path_nor_spawns_without_bound() {
+    const FLOOD: usize = 1000;
+    const FLOOD_FOR: Duration = Duration::from_secs(4);
+    // Held by the admin side at most: one cap per flooded listener.
+    const ADMIN_HELD: usize = 2 * 16;
+    let topology = ClientPod::new("flood").expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let tools = CountedTools::new();
+    let path = tools.path();
+    let launch = Launch {
+        wrapper: &["prlimit", "--nofile=256:256", "--"],
+        env: &[("PATH", path.as_str())],
+        ..Launch::default()
+    };
+    let sluice = Sluice::launch(
+        &topology.pod,
+        &launch,
+        &["--ports", "9080", "--install-rules"],
+    );
+    readiness_becomes(&topology.client, pod_v4(READINESS), 200, &sluice);
+    let idle_descriptors = open_descriptors(sluice.pid());
+    let started_before = tools.started().len();
+    let began = Instant::now();
+
+    let flood: Vec<socket2::Socket> = topology
+        .client
+        .run(|| {
+            (0..FLOOD)
+                .map(|i| {
+                    let port = if i % 2 == 0 { METRICS } else { READINESS };
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    socket.set_nonblocking(true)?;
+                    match socket.connect(&pod_v4(port).into()) {
+                        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+                        _ => Ok(socket),
+                    }
+                })
+                .collect::<std::io::Result<_>>()
+        })
+        .expect("open the flood");
+    // Each connection sends its request as soon as it is established, from
+    // a thread of its own, so that none holds a place at sluice silently.
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let flooding = flooding.clone();
+        std::thread::spawn(move || {
+            let mut sent = vec![false; FLOOD];
+            while flooding.load(Ordering::SeqCst) {
+                for (i, (socket, sent)) in flood.iter().zip(&mut sent).enumerate() {
+                    if !*sent {
+                        let path = if i % 2 == 0 {
+                            "/metrics"
+                        } else {
+                            "/healthz/ready"
+                        };
+                        let request = format!("GET {path} HTTP/1.1\r\nHost: pod\r\n\r\n");
+                        *sent = socket.send(request.as_bytes()).is_ok();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (flood, sent)
+        })
+    };
+    let mut most_descriptors = idle_descriptors;
+    let mut echoes = 0;
+    while began.elapsed() < FLOOD_FOR {
+        let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect during the flood");
+        echo_once(&mut stream, b"through the flood");
+        echoes += 1;
+        // A kubelet's probes go on too: a check a second.
+        get(&topology.client, pod_v4(READINESS), "/healthz/ready");
+        most_descriptors = most_descriptors.max(open_descriptors(sluice.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    flooding.store(false, Ordering::SeqCst);
+    let (flood, sent) = sender.join().expect("the flood's sender");
+    let flooded_for = began.elapsed();
+    let started = tools.started();
+    let during = &started[started_before..];
+    eprintln!(
+        "flood of {FLOOD} for {flooded_for:?}: {} requests sent, {echoes} echoes through sluice, \
+         descriptors {idle_descriptors} idle and {most_descriptors} at most, {} tools started",
+        sent.iter().filter(|s| **s).count(),
+        during.len()
+    );
+    assert!(
+        most_descriptors <= idle_descriptors + ADMIN_HELD + 8,
+        "sluice held {most_descriptors} descriptors under the flood, {idle_descriptors} before"
+    );
+    assert!(
+        !sluice.log().contains("accept failed"),
+        "the data path ran out of descriptors:\n{}",
+        sluice.log()
+    );
+    assert!(echoes > 0);
+    // At most one check a second, each one iptables-save per family.
+    let checks = flooded_for.as_secs() + 2;
+    assert!(
+        during.len() as u64 <= 2 * checks,
+        "{} tools started in {flooded_for:?} of flood: {during:?}",
+        during.len()
+    );
+    assert!(
+        sent.iter().filter(|s| **s).count() > 2 * ADMIN_HELD,
+        "the flood hardly reached sluice"
+    );
+
+    // Once the flood is gone and nobody asks, nothing more is started.
+    drop(flood);
+    let deadline = Instant::now() + PATIENCE;
+    while open_descriptors(sluice.pid()) > idle_descriptors + 2 {
+        assert!(Instant::now() < deadline, "the admin side never settled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let settled = tools.started().len();
+    std::thread::sleep(3 * Duration::from_secs(1));
+    let quiet = tools.started();
+    assert_eq!(
+        quiet.len(),
+        settled,
+        "tools started while nobody asked: {:?}",
+        &quiet[settled..]
+    );
+    readiness_becomes(&topology.client, pod_v4(READINESS), 200, &sluice);
+    sluice.stop();
+}

@@ -108,8 +108,9 @@ fn client_source_fallbacks(shared: &Shared) -> Value {
 }
 
 /// Everything `GET /config_dump` shows.
-pub fn config_dump(shared: &Shared) -> Value {
-    let interception = shared.interception();
+pub async fn config_dump(shared: &Shared) -> Value {
+    let interception = shared.interception().await;
+    let ready = shared.readiness().await.is_ok();
     let workers_running = shared
         .workers_running
         .load(std::sync::atomic::Ordering::SeqCst);
@@ -125,7 +126,7 @@ pub fn config_dump(shared: &Shared) -> Value {
         },
         "draining": shared.draining(),
         "client_source_fallbacks": client_source_fallbacks(shared),
-        "ready": shared.readiness().is_ok(),
+        "ready": ready,
         "interception": interception.map(|i| json!({
             "matches": i.matches,
             "installed": i.installed,

@@ -1,5 +1,7 @@
 //! The HTTP side of the admin endpoints (hyper, HTTP/1.1): one listener per
-//! group of endpoints, one task per connection on the admin runtime.
+//! group of endpoints, one task per connection on the admin runtime, at
+//! most [`CONNECTIONS_PER_LISTENER`] connections at once per listener, one
+//! request each (a kubelet makes a connection per probe anyway).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,13 +14,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use super::{dump, metrics, Shared};
+use super::{dump, metrics, Shared, CONNECTIONS_PER_LISTENER};
 
-/// A client that sends no complete request head within this is dropped, so
-/// idle connections cannot pile up on the admin thread.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends no complete request head within this is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, however it behaves: one that sends its
+/// request and never reads the answer included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which endpoints a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +42,13 @@ pub struct Server {
 impl Server {
     pub async fn serve(self, listener: TcpListener) {
         let server = Arc::new(self);
+        // Taken before accepting: at the cap, further connections wait in
+        // the listener's backlog, where they hold no descriptor of sluice's.
+        let slots = Arc::new(Semaphore::new(CONNECTIONS_PER_LISTENER));
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
@@ -50,47 +61,55 @@ impl Server {
             };
             let server = server.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let server = server.clone();
-                    async move { Ok::<_, Infallible>(server.respond(request)) }
+                    async move { Ok::<_, Infallible>(server.respond(request).await) }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(error) = served {
-                    debug!(%error, "admin connection ended with an error");
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, served).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => debug!(%error, "admin connection ended with an error"),
+                    Err(_) => debug!("admin connection closed: it took too long"),
                 }
             });
         }
     }
 
-    fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path();
-        let method = request.method();
-        match (self.endpoints, path) {
-            (Endpoints::Metrics, "/metrics") => only(method, &Method::GET, || self.metrics()),
-            (Endpoints::Readiness, "/healthz/ready") => {
-                only(method, &Method::GET, || match self.shared.readiness() {
-                    Ok(()) => text(StatusCode::OK, "ready\n".into()),
-                    Err(why) => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: {why}\n"),
-                    ),
-                })
-            }
-            (Endpoints::Admin, "/config_dump") => only(method, &Method::GET, || {
-                let dump = dump::config_dump(&self.shared);
+        let allowed = match (self.endpoints, path) {
+            (Endpoints::Metrics, "/metrics")
+            | (Endpoints::Readiness, "/healthz/ready")
+            | (Endpoints::Admin, "/config_dump") => Method::GET,
+            (Endpoints::Admin, "/quitquitquit" | "/logging") => Method::POST,
+            _ => return text(StatusCode::NOT_FOUND, self.index()),
+        };
+        if request.method() != allowed {
+            return not_allowed(&allowed);
+        }
+        match path {
+            "/metrics" => self.metrics(),
+            "/healthz/ready" => match self.shared.readiness().await {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            "/config_dump" => {
+                let dump = dump::config_dump(&self.shared).await;
                 match serde_json::to_string_pretty(&dump) {
                     Ok(json) => respond(StatusCode::OK, "application/json", json + "\n"),
                     Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
                 }
-            }),
-            (Endpoints::Admin, "/quitquitquit") => only(method, &Method::POST, quit),
-            (Endpoints::Admin, "/logging") => only(method, &Method::POST, || {
-                self.logging(request.uri().query().unwrap_or(""))
-            }),
+            }
+            "/quitquitquit" => quit(),
+            "/logging" => self.logging(request.uri().query().unwrap_or("")),
             _ => text(StatusCode::NOT_FOUND, self.index()),
         }
     }
@@ -157,14 +176,7 @@ fn quit() -> Response<Full<Bytes>> {
     }
 }
 
-fn only(
-    method: &Method,
-    allowed: &Method,
-    respond: impl FnOnce() -> Response<Full<Bytes>>,
-) -> Response<Full<Bytes>> {
-    if method == allowed {
-        return respond();
-    }
+fn not_allowed(allowed: &Method) -> Response<Full<Bytes>> {
     let mut response = text(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("use {allowed} here\n"),

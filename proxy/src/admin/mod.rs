@@ -5,13 +5,21 @@
 //! The workers never wait on it and share nothing contended with it: a
 //! scrape sums the per-worker counters ([`crate::server::stats`]), each
 //! written by its worker alone; readiness reads the phase the control
-//! thread sets and a check of the installed interception that a helper
-//! thread refreshes every [`CHECK_EVERY`] (reading the rules runs
-//! `iptables-save`, too costly for every probe), and only while someone
-//! asks: for [`WANTED_FOR`] after a probe or a config dump. Unasked, it
-//! costs nothing (two `iptables-save` a second would be 1-2% of a core);
-//! the first answer after a long silence may be as old as that silence,
-//! and the next is fresh.
+//! thread sets and a check of the installed interception, which a helper
+//! thread makes when asked. A probe (or config dump) that finds the last
+//! check older than [`CHECK_EVERY`] asks for one and waits for it, up to
+//! [`CHECK_WAIT`]; so the checker runs at most once per [`CHECK_EVERY`]
+//! however many ask, and not at all while nobody does. A check runs
+//! `iptables-save` once per family (tproxy, redirect; two processes at
+//! most) or reads sluice's own sk_lookup program back through the
+//! descriptors it holds (ebpf).
+//!
+//! Port 15021 (and 15020) are open to the network: a not-ready answer says
+//! why in one short sentence, and what is installed is shown only on the
+//! admin address (`GET /config_dump`). Each listener serves at most
+//! [`CONNECTIONS_PER_LISTENER`] connections at once, one request each, for
+//! a bounded time; the rest wait in its backlog, holding no descriptor of
+//! sluice's, so a flood cannot take the data path's descriptors.
 //!
 //! | port (default) | endpoint |
 //! | --- | --- |
@@ -26,7 +34,7 @@ mod metrics;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -39,11 +47,16 @@ use crate::server::Phase;
 
 pub use dump::{effective_config, kernel_facts};
 
-/// How often the installed interception is compared with the flags.
+/// How old a check of the installed interception may be for an answer,
+/// and so the least time between two checks.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// How long after a question the comparison goes on (a kubelet probes every
-/// 10 s by default).
-pub const WANTED_FOR: Duration = Duration::from_secs(30);
+/// How long an answer waits for a fresh check before it gives the last
+/// one (a kubelet gives a probe 1 s by default).
+pub const CHECK_WAIT: Duration = Duration::from_millis(500);
+/// Connections each admin listener serves at once.
+pub const CONNECTIONS_PER_LISTENER: usize = 16;
+/// Descriptors the admin side's connections hold at most (three listeners).
+pub const MAX_DESCRIPTORS: u64 = 3 * CONNECTIONS_PER_LISTENER as u64;
 
 /// Changes the log filter at run time (`POST /logging?level=...`): given a
 /// level or a RUST_LOG-style filter, it says what is in force now, or why
@@ -157,11 +170,13 @@ pub struct Interception {
     /// What is installed, as `sluice rules show` prints it, or why it could
     /// not be read.
     pub installed: String,
+    /// When the check started.
     pub checked: Instant,
 }
 
 impl Expected {
     fn check(&self) -> Interception {
+        let checked = Instant::now();
         let (matches, installed) = match self {
             Expected::Rules(plan) => match plan.show() {
                 Ok(status) => (status.matches(), status.to_string()),
@@ -196,7 +211,7 @@ impl Expected {
         Interception {
             matches,
             installed,
-            checked: Instant::now(),
+            checked,
         }
     }
 }
@@ -214,10 +229,11 @@ pub struct Shared {
     pub config: serde_json::Value,
     pub expected: Expected,
     pub log: Option<LogControl>,
-    interception: Mutex<Option<Interception>>,
-    /// Until when the checker goes on comparing.
-    wanted_until: Mutex<Instant>,
-    checker: std::sync::OnceLock<std::thread::Thread>,
+    /// The last check, published by the checker.
+    interception: watch::Sender<Option<Interception>>,
+    /// When someone last asked for a check.
+    asked: Mutex<Option<Instant>>,
+    checker: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -239,47 +255,49 @@ impl Shared {
             config,
             expected,
             log,
-            interception: Mutex::new(None),
-            wanted_until: Mutex::new(Instant::now()),
-            checker: std::sync::OnceLock::new(),
+            interception: watch::Sender::new(None),
+            asked: Mutex::new(None),
+            checker: OnceLock::new(),
         }
     }
 
-    /// Someone asks: the checker goes on for [`WANTED_FOR`].
-    fn want(&self) {
-        *self
-            .wanted_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + WANTED_FOR;
-        if let Some(checker) = self.checker.get() {
-            checker.unpark();
-        }
-    }
-
-    fn wanted(&self) -> bool {
-        Instant::now()
-            < *self
-                .wanted_until
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
+    /// The question the checker has not answered yet, if any: asked after
+    /// the last check was [`CHECK_EVERY`] old.
+    fn unanswered(&self, last: Option<Instant>) -> Option<Instant> {
+        let asked = *self.asked.lock().unwrap_or_else(PoisonError::into_inner);
+        asked.filter(|&asked| last.is_none_or(|last| asked >= last + CHECK_EVERY))
     }
 
     pub fn draining(&self) -> bool {
         *self.phase.borrow() != Phase::Serving
     }
 
-    pub fn interception(&self) -> Option<Interception> {
-        self.want();
-        self.interception
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The installed interception as a check at most [`CHECK_EVERY`] old
+    /// saw it; else, when the checker does not manage within
+    /// [`CHECK_WAIT`], as the last check saw it.
+    pub async fn interception(&self) -> Option<Interception> {
+        let now = Instant::now();
+        let fresh =
+            |i: &Option<Interception>| i.as_ref().is_some_and(|i| i.checked + CHECK_EVERY > now);
+        let mut latest = self.interception.subscribe();
+        if !fresh(&latest.borrow()) {
+            {
+                let mut asked = self.asked.lock().unwrap_or_else(PoisonError::into_inner);
+                *asked = Some(asked.map_or(now, |asked| asked.max(now)));
+            }
+            if let Some(checker) = self.checker.get() {
+                checker.unpark();
+                let _ = tokio::time::timeout(CHECK_WAIT, latest.wait_for(fresh)).await;
+            }
+        }
+        let last = latest.borrow().clone();
+        last
     }
 
     /// `Ok` when sluice should receive traffic; else why not, in one short
     /// sentence: the readiness port is open to the network, so what is
     /// installed is shown on the admin address only.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    pub async fn readiness(&self) -> Result<(), &'static str> {
         if crate::server::worker_panicked() {
             return Err("a worker panicked; sluice is stopping");
         }
@@ -289,7 +307,7 @@ impl Shared {
         if self.draining() {
             return Err("sluice is draining (stopping)");
         }
-        match self.interception() {
+        match self.interception().await {
             None => Err("the interception has not been checked yet"),
             Some(i) if !i.matches => Err(
                 "the interception installed does not match the flags (not installed yet, or changed since); \
@@ -316,19 +334,21 @@ pub fn start(listeners: Listeners, shared: Arc<Shared>) -> Result<(), Error> {
         // admin runtime.
         let checker = std::thread::Builder::new()
             .name("sluice-check".into())
-            .spawn(move || loop {
-                let checked = shared.expected.check();
-                let was = shared
-                    .interception
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .replace(checked.clone());
-                if was.is_some_and(|was| was.matches && !checked.matches) {
-                    warn!(installed = %checked.installed, "the interception no longer matches the flags: sluice is not ready");
-                }
-                std::thread::sleep(CHECK_EVERY);
-                while !shared.wanted() {
-                    std::thread::park_timeout(WANTED_FOR);
+            .spawn(move || {
+                let mut last: Option<Instant> = None;
+                loop {
+                    // Parked until asked; an answer for a question asked
+                    // while the last check ran is that check's.
+                    if shared.unanswered(last).is_none() {
+                        std::thread::park();
+                        continue;
+                    }
+                    let checked = shared.expected.check();
+                    last = Some(checked.checked);
+                    let was = shared.interception.send_replace(Some(checked.clone()));
+                    if was.is_some_and(|was| was.matches && !checked.matches) {
+                        warn!(installed = %checked.installed, "the interception no longer matches the flags: sluice is not ready");
+                    }
                 }
             })
             .map_err(Error::Thread)?;

@@ -303,7 +303,9 @@ fn max_connections(options: &RunOptions) -> u32 {
         Forwarder::Splice => 4 * crate::forward::splice::POOL_LIMIT as u64,
         Forwarder::Copy | Forwarder::Sockmap => 0,
     };
-    let reserved = RESERVED_FDS + (8 + pipes) * options.workers as u64;
+    // The admin side's connections are capped, and kept apart here, so that
+    // a flood of them cannot take the data path's descriptors.
+    let reserved = RESERVED_FDS + admin::MAX_DESCRIPTORS + (8 + pipes) * options.workers as u64;
     let max = limit.saturating_sub(reserved) / 2;
     u32::try_from(max).unwrap_or(u32::MAX).max(1)
 }
