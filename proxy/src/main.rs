@@ -83,7 +83,7 @@ fn execute(command: Command, log: LogControl) -> anyhow::Result<ExitCode> {
             let options = run_options(args, log)?;
             if dry_run {
                 // What would run, checked and defaulted; nothing is touched.
-                let config = sluice::admin::effective_config(&options);
+                let config = options.effective_config();
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(ExitCode::SUCCESS);
             }

@@ -1,66 +1,9 @@
 //! `GET /config_dump` and `sluice run --dry-run`: the effective
 //! configuration, what is installed, and the kernel facts sluice relies on.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use super::Shared;
-use crate::config::{Policy, Ports};
-use crate::server::RunOptions;
-
-/// The configuration `sluice run` works with, once validated and defaulted.
-pub fn effective_config(options: &RunOptions) -> Value {
-    let listen = |addr: Option<std::net::SocketAddr>| match addr {
-        Some(addr) => json!(addr.to_string()),
-        None => json!("off"),
-    };
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "policy": policy(&options.policy),
-        "forward": format!("{:?}", options.forwarder).to_lowercase(),
-        "sockmap_after": seconds(options.sockmap_after),
-        "install_rules": options.install_rules,
-        "pin": options.pin.as_ref().map(|p| p.display().to_string()),
-        "workers": options.workers,
-        "connect_timeout": seconds(options.connect_timeout),
-        "idle_timeout": seconds(options.idle_timeout),
-        "drain_timeout": seconds(options.drain_timeout),
-        "max_connections": options.max_connections,
-        "upstream_source": match options.upstream_source {
-            crate::upstream::Source::Client { .. } => "client",
-            crate::upstream::Source::Bypass => "bypass",
-        },
-        "upstream_ports": match options.upstream_source {
-            crate::upstream::Source::Client { ports: Some((low, high)) } => json!(format!("{low}-{high}")),
-            crate::upstream::Source::Client { ports: None } => json!("net.ipv4.ip_local_port_range"),
-            crate::upstream::Source::Bypass => Value::Null,
-        },
-        "metrics_addr": listen(options.admin.metrics),
-        "readiness_addr": listen(options.admin.readiness),
-        "admin_addr": listen(options.admin.admin),
-    })
-}
-
-fn policy(policy: &Policy) -> Value {
-    json!({
-        "mode": policy.mode.to_string(),
-        "proxy_port": policy.proxy_port,
-        "ports": match &policy.ports {
-            Ports::All => json!("*"),
-            Ports::List(ports) => json!(ports),
-        },
-        "exclude_ports": policy.exclude_ports,
-        "exclude_cidrs": policy.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "exclude_interfaces": policy.exclude_interfaces,
-        "mark": policy.mark,
-        "table": policy.table,
-    })
-}
-
-fn seconds(duration: Duration) -> f64 {
-    duration.as_secs_f64()
-}
 
 /// The facts of this kernel and process that sluice depends on.
 pub fn kernel_facts() -> Value {
@@ -102,7 +45,7 @@ fn client_source_fallbacks(shared: &Shared) -> Value {
     }
     json!({
         "reason": "workload_not_on_inner_address",
-        "connections": crate::server::stats::total(&shared.stats, |s| &s.client_source_fallbacks),
+        "connections": crate::stats::total(&shared.stats, |s| &s.client_source_fallbacks),
         "destinations": destinations,
     })
 }

@@ -12,7 +12,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::Shared;
-use crate::server::stats::{self, ConnectFailure, HistogramTotal, Refused, WorkerStats};
+use crate::stats::{self, ConnectFailure, HistogramTotal, Refused, WorkerStats};
 
 pub fn registry(shared: Arc<Shared>) -> Registry {
     let mut registry = Registry::default();

@@ -3,7 +3,7 @@
 //! its own with a plain (epoll) tokio runtime, off the data path.
 //!
 //! The workers never wait on it and share nothing contended with it: a
-//! scrape sums the per-worker counters ([`crate::server::stats`]), each
+//! scrape sums the per-worker counters ([`crate::stats`]), each
 //! written by its worker alone; readiness reads the phase the control
 //! thread sets and a check of the installed interception, which a helper
 //! thread makes when asked. A probe (or config dump) that finds the last
@@ -42,10 +42,10 @@ use tracing::{info, warn};
 
 use crate::config::{Forwarder, Mode};
 use crate::intercept::{ebpf, Plan};
-use crate::server::stats::WorkerStats;
-use crate::server::Phase;
+use crate::lifecycle::{self, Phase};
+use crate::stats::WorkerStats;
 
-pub use dump::{effective_config, kernel_facts};
+pub use dump::kernel_facts;
 
 /// How old a check of the installed interception may be for an answer,
 /// and so the least time between two checks.
@@ -225,7 +225,7 @@ pub struct Shared {
     pub mode: Mode,
     /// In use: copy after a sockmap fallback.
     pub forwarder: Forwarder,
-    /// The effective configuration ([`effective_config`]).
+    /// The effective configuration (`RunOptions::effective_config`).
     pub config: serde_json::Value,
     pub expected: Expected,
     pub log: Option<LogControl>,
@@ -298,7 +298,7 @@ impl Shared {
     /// sentence: the readiness port is open to the network, so what is
     /// installed is shown on the admin address only.
     pub async fn readiness(&self) -> Result<(), &'static str> {
-        if crate::server::worker_panicked() {
+        if lifecycle::worker_panicked() {
             return Err("a worker panicked; sluice is stopping");
         }
         if !self.workers_running.load(Ordering::SeqCst) {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
-use super::stats::{self, ConnectFailure, Refused};
 use super::worker::{Registration, Worker};
 use crate::forward::{self, End, Sockmap};
 use crate::linux;
 use crate::listener::{self, ClientAddr, OrigDst};
+use crate::stats::{self, ConnectFailure, Refused};
 use crate::upstream::{self, Leg, Source};
 
 /// Serves `client`, which `registration` has entered in the worker's table

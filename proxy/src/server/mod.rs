@@ -21,7 +21,8 @@
 //! than one the orchestrator restarts.
 
 mod connection;
-pub mod stats;
+mod control;
+mod options;
 mod worker;
 
 use std::io;
@@ -29,22 +30,21 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
 
-use nix::sys::signal::{SigSet, Signal};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::admin::{self, AdminOptions};
+use crate::admin;
 use crate::config::{Forwarder, Mode, Policy};
 use crate::forward;
 use crate::intercept::{self, ebpf, Installed, Plan};
+use crate::lifecycle::Phase;
 use crate::linux;
 use crate::listener::{self, Listeners};
 use crate::privileges;
+use crate::stats::WorkerStats;
 use crate::upstream;
-use stats::WorkerStats;
-pub use worker::Phase;
+pub use options::RunOptions;
 pub use worker::PANIC_AFTER_ENV;
 use worker::{Settings, Worker};
 
@@ -88,50 +88,19 @@ pub enum Error {
     Privileges(#[from] privileges::Error),
 }
 
-pub struct RunOptions {
-    pub policy: Policy,
-    /// ebpf mode: where to pin the program so it outlives sluice.
-    pub pin: Option<std::path::PathBuf>,
-    pub forwarder: Forwarder,
-    /// With sockmap: the age at which a connection is joined.
-    pub sockmap_after: Duration,
-    pub install_rules: bool,
-    pub workers: usize,
-    pub connect_timeout: Duration,
-    /// Zero: no idle timeout.
-    pub idle_timeout: Duration,
-    pub drain_timeout: Duration,
-    /// `None`: what the descriptor limit holds.
-    pub max_connections: Option<u32>,
-    pub upstream_source: upstream::Source,
-    /// Metrics, readiness and admin endpoints.
-    pub admin: AdminOptions,
-}
-
-/// How often the control thread looks at the workers while it waits.
-const TICK: Duration = Duration::from_millis(50);
 /// Descriptors kept aside from `--max-connections`' default: listeners,
 /// rings, netlink and BPF objects, log output.
 const RESERVED_FDS: u64 = 64;
-/// How long the workers get to reset their connections when told to.
-const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT or SIGTERM and a drain. Rules installed here are
 /// removed on the way out, also when start-up fails half-way.
 pub fn run(options: RunOptions) -> Result<(), Error> {
-    // Blocked before any thread starts, so every thread inherits the mask and
-    // only the main thread's sigtimedwait sees the signals.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals
-        .thread_block()
-        .map_err(|e| Error::Signals(e.into()))?;
-    install_panic_hook();
+    let signals = control::block_signals()?;
+    control::install_panic_hook();
     check_upstream_ports(options.upstream_source)?;
     // First, so a port in use fails start-up before anything is installed.
     let admin_listeners = admin::Listeners::bind(&options.admin)?;
-    let config = admin::effective_config(&options);
+    let config = options.effective_config();
 
     let max_connections = max_connections(&options);
     let policy = options.policy;
@@ -211,7 +180,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         std::thread::Builder::new()
             .name(format!("sluice-worker-{index}"))
             .spawn(move || {
-                let _exit = ExitNotice(exit);
+                let _exit = control::ExitNotice(exit);
                 worker.run(listeners, phase, started);
             })
             .map_err(Error::Worker)?;
@@ -236,7 +205,7 @@ pub fn run(options: RunOptions) -> Result<(), Error> {
         "sluice ready"
     );
 
-    let control = Control {
+    let control = control::Control {
         signals,
         phase,
         exits,
@@ -268,11 +237,6 @@ fn drop_capabilities(mode: Mode) -> Result<(), Error> {
     names.sort();
     info!(kept = ?names, "capabilities dropped; no_new_privs set");
     Ok(())
-}
-
-/// Whether a worker panicked (the process is going down).
-pub fn worker_panicked() -> bool {
-    worker::PANICKED.load(Ordering::SeqCst)
 }
 
 /// `--max-connections`, or what the descriptor limit holds once raised.
@@ -308,103 +272,6 @@ fn max_connections(options: &RunOptions) -> u32 {
     let reserved = RESERVED_FDS + admin::MAX_DESCRIPTORS + (8 + pipes) * options.workers as u64;
     let max = limit.saturating_sub(reserved) / 2;
     u32::try_from(max).unwrap_or(u32::MAX).max(1)
-}
-
-/// Logs a panic through the log (so JSON logs keep it), resets the
-/// panicking worker's connections before unwinding closes them with a FIN,
-/// and tells the control thread.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let thread = std::thread::current();
-        error!(thread = thread.name().unwrap_or("?"), "panic: {info}");
-        worker::abort_current_worker();
-        worker::PANICKED.store(true, Ordering::SeqCst);
-    }));
-}
-
-/// Sent when a worker thread ends, for whatever reason.
-struct ExitNotice(mpsc::Sender<()>);
-
-impl Drop for ExitNotice {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
-    }
-}
-
-struct Control {
-    signals: SigSet,
-    phase: watch::Sender<Phase>,
-    exits: mpsc::Receiver<()>,
-    stats: Vec<Arc<WorkerStats>>,
-}
-
-impl Control {
-    /// Waits for a signal; fails when a worker dies first.
-    fn serve(&self) -> Result<Signal, Error> {
-        loop {
-            if let Some(signal) = self.wait(TICK)? {
-                return Ok(signal);
-            }
-        }
-    }
-
-    /// Refuses new connections, waits for those in flight up to `timeout`
-    /// (or a second signal), then resets what is left.
-    fn drain(&self, signal: Signal, timeout: Duration) -> Result<(), Error> {
-        let _ = self.phase.send(Phase::Draining);
-        let in_flight = self.active();
-        info!(%signal, in_flight, timeout = ?timeout, "sluice draining: new connections are refused");
-        let deadline = Instant::now() + timeout;
-        loop {
-            let active = self.active();
-            if active == 0 {
-                info!("drained: every connection ended; sluice stopping");
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                warn!(
-                    open = active,
-                    "drain timeout: resetting the connections still open"
-                );
-                break;
-            }
-            if let Some(second) = self.wait(TICK.min(deadline - now))? {
-                warn!(signal = %second, open = active, "second signal: resetting the connections still open");
-                break;
-            }
-        }
-        self.abort()?;
-        info!("sluice stopping");
-        Ok(())
-    }
-
-    /// Resets every connection and waits (briefly) until the workers have.
-    fn abort(&self) -> Result<(), Error> {
-        let _ = self.phase.send(Phase::Aborting);
-        let deadline = Instant::now() + ABORT_WAIT;
-        while self.active() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
-    /// One wait for a signal, with a look at the workers' health.
-    fn wait(&self, timeout: Duration) -> Result<Option<Signal>, Error> {
-        if worker::PANICKED.load(Ordering::SeqCst) {
-            let _ = self.abort();
-            return Err(Error::WorkerDied("panicked"));
-        }
-        if self.exits.try_recv().is_ok() {
-            let _ = self.abort();
-            return Err(Error::WorkerDied("ended"));
-        }
-        linux::wait_signal(&self.signals, timeout).map_err(Error::Signals)
-    }
-
-    fn active(&self) -> u64 {
-        stats::total(&self.stats, |s| &s.active)
-    }
 }
 
 /// The sk_lookup program of `--mode ebpf`, attached for sluice's lifetime

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -22,22 +22,12 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use super::connection;
-use super::stats::{self, Refused, WorkerStats};
 use crate::config::Mode;
 use crate::forward::Forwarding;
+use crate::lifecycle::Phase;
 use crate::linux;
 use crate::listener::ClientAddr;
-
-/// What the control thread asks of every worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Accept and forward.
-    Serving,
-    /// Refuse new connections (reset); let those in flight finish.
-    Draining,
-    /// Reset every connection in flight, on both sides, now.
-    Aborting,
-}
+use crate::stats::{self, Refused, WorkerStats};
 
 /// What every worker is told at start; never changes.
 #[derive(Debug, Clone)]
@@ -88,9 +78,6 @@ const MAX_SWEEP: Duration = Duration::from_secs(1);
 /// without trying the inner address again: a workload that comes back
 /// listening on every address gets the client's address again after that.
 pub const INNER_REFUSED_FOR: Duration = Duration::from_secs(30);
-
-/// Set by the panic hook: a worker panicked, the process must go.
-pub static PANICKED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// The worker of this thread, for the panic hook.
