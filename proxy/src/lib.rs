@@ -5,6 +5,7 @@
 pub mod admin;
 #[cfg(feature = "bench-inject")]
 pub mod bench_inject;
+pub mod bpf;
 pub mod config;
 pub mod forward;
 pub mod intercept;

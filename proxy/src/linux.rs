@@ -19,8 +19,6 @@ pub const BYPASS_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// to `lo` (`sluice rules install` does).
 pub const BYPASS_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
-const CAP_NET_ADMIN: u32 = 12;
-
 pub fn bypass_source(family_of: IpAddr) -> IpAddr {
     match family_of {
         IpAddr::V4(_) => IpAddr::V4(BYPASS_SOURCE_V4),
@@ -351,23 +349,6 @@ pub fn recv_now(socket: &impl AsRawFd, buffer: &mut Vec<u8>) -> io::Result<usize
     Ok(n)
 }
 
-/// Whether the calling thread may load networking BPF programs and make
-/// sockmaps: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN in its effective
-/// set (capabilities are per thread, hence /proc/thread-self).
-pub fn may_load_bpf() -> io::Result<bool> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/thread-self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/thread-self/status"))?;
-    let bits = u64::from_str_radix(effective.trim(), 16)
-        .map_err(|e| io::Error::other(format!("bad CapEff in /proc/thread-self/status: {e}")))?;
-    let has = |cap: u32| bits & (1 << cap) != 0;
-    Ok((has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN))
-}
-
 /// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes
 /// where the kernel allows it.
 pub struct Pipe {
@@ -423,19 +404,6 @@ impl Pipe {
 fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
-}
-
-/// Whether this process holds CAP_NET_ADMIN in its effective set, which every
-/// change of rules and routes needs.
-pub fn has_cap_net_admin() -> io::Result<bool> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
-    let bits = u64::from_str_radix(effective.trim(), 16)
-        .map_err(|e| io::Error::other(format!("bad CapEff in /proc/self/status: {e}")))?;
-    Ok(bits & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT` (socket2 lacks it; nix has it).

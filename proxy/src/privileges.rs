@@ -71,3 +71,26 @@ pub fn keep_only(keep: &[Capability]) -> Result<CapsHashSet, Error> {
     nix::sys::prctl::set_no_new_privs().map_err(|e| Error::NoNewPrivs(e.into()))?;
     Ok(kept)
 }
+
+/// Whether the calling thread may load networking BPF programs and make
+/// sockmaps: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN in its effective
+/// set. Capabilities are per thread: this asks for the caller's.
+pub fn may_load_bpf() -> std::io::Result<bool> {
+    let effective = effective()?;
+    Ok(
+        (effective.contains(&Capability::CAP_BPF)
+            || effective.contains(&Capability::CAP_SYS_ADMIN))
+            && effective.contains(&Capability::CAP_NET_ADMIN),
+    )
+}
+
+/// Whether the calling thread holds CAP_NET_ADMIN, which every change of
+/// rules and routes needs.
+pub fn has_cap_net_admin() -> std::io::Result<bool> {
+    Ok(effective()?.contains(&Capability::CAP_NET_ADMIN))
+}
+
+fn effective() -> std::io::Result<CapsHashSet> {
+    caps::read(None, CapSet::Effective)
+        .map_err(|e| std::io::Error::other(format!("reading the effective capabilities: {e}")))
+}

@@ -26,7 +26,7 @@ pub fn kernel_facts() -> Value {
         // TPROXY's accepted sockets need it for the client-source mode.
         "tcp_fwmark_accept": read("/proc/sys/net/ipv4/tcp_fwmark_accept"),
         "unprivileged_bpf_disabled": read("/proc/sys/kernel/unprivileged_bpf_disabled"),
-        "may_load_bpf": crate::linux::may_load_bpf().ok(),
+        "may_load_bpf": crate::privileges::may_load_bpf().ok(),
         "capabilities": effective,
         "no_new_privs": nix::sys::prctl::get_no_new_privs().ok(),
         "uid": nix::unistd::getuid().as_raw(),

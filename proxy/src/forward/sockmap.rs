@@ -83,11 +83,11 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType, PrintLevel, RingBuffer};
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType, RingBuffer};
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 use tracing::{debug, warn};
@@ -203,12 +203,8 @@ impl SockmapEngine {
             .ok()
             .filter(|&n| n <= MAX_WORKERS)
             .ok_or(Error::TooManyWorkers(workers))?;
-        static LOGGING: Once = Once::new();
-        // libbpf's warnings (the verifier log among them) go to the log.
-        LOGGING.call_once(|| {
-            libbpf_rs::set_print(Some((PrintLevel::Info, libbpf_log)));
-        });
-        if !linux::may_load_bpf().map_err(Error::Capabilities)? {
+        crate::bpf::log_to_tracing();
+        if !crate::privileges::may_load_bpf().map_err(Error::Capabilities)? {
             return Err(Error::NotPermitted);
         }
         let mut storage = MaybeUninit::uninit();
@@ -245,7 +241,7 @@ impl SockmapEngine {
                     Error::NotPermitted
                 } else {
                     Error::Attach {
-                        release: kernel_release(),
+                        release: crate::bpf::kernel_release(),
                         source,
                     }
                 }
@@ -289,23 +285,8 @@ fn load_error(source: libbpf_rs::Error) -> Error {
         return Error::NotPermitted;
     }
     Error::Load {
-        release: kernel_release(),
+        release: crate::bpf::kernel_release(),
         source,
-    }
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|r| r.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn libbpf_log(level: PrintLevel, message: String) {
-    let message = message.trim_end();
-    match level {
-        PrintLevel::Warn => tracing::warn!(target: "libbpf", "{message}"),
-        PrintLevel::Info => tracing::debug!(target: "libbpf", "{message}"),
-        PrintLevel::Debug => tracing::trace!(target: "libbpf", "{message}"),
     }
 }
 

@@ -23,11 +23,11 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
 
 use ipnet::IpNet;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{ErrorKind, Link, PrintLevel};
+use libbpf_rs::{ErrorKind, Link};
 use socket2::{Domain, Protocol, SockRef, Type};
 
 use crate::config::{Policy, Ports};
@@ -590,30 +590,16 @@ fn pin_names() -> impl Iterator<Item = &'static str> {
 }
 
 fn preflight() -> Result<(), Error> {
-    static LOGGING: Once = Once::new();
-    // libbpf's warnings (the verifier log among them) go to the log, not
-    // straight to stderr.
-    LOGGING.call_once(|| {
-        libbpf_rs::set_print(Some((PrintLevel::Info, libbpf_log)));
-    });
-    if !kernel::may_load().map_err(Error::Capabilities)? {
+    crate::bpf::log_to_tracing();
+    if !crate::privileges::may_load_bpf().map_err(Error::Capabilities)? {
         return Err(Error::NotPermitted);
     }
     Ok(())
 }
 
-fn libbpf_log(level: PrintLevel, message: String) {
-    let message = message.trim_end();
-    match level {
-        PrintLevel::Warn => tracing::warn!(target: "libbpf", "{message}"),
-        PrintLevel::Info => tracing::debug!(target: "libbpf", "{message}"),
-        PrintLevel::Debug => tracing::trace!(target: "libbpf", "{message}"),
-    }
-}
-
 /// Why loading failed, in the terms a person can act on.
 fn load_error(source: libbpf_rs::Error) -> Error {
-    let release = kernel::kernel_release();
+    let release = crate::bpf::kernel_release();
     if kernel::sk_lookup_supported() == Some(false)
         || kernel::kernel_version().is_some_and(|v| v < (5, 17))
     {
@@ -631,7 +617,7 @@ fn attach_error(source: libbpf_rs::Error) -> Error {
         ErrorKind::PermissionDenied => Error::NotPermitted,
         ErrorKind::InvalidInput if kernel::kernel_version().is_some_and(|v| v < (5, 9)) => {
             Error::KernelTooOld {
-                release: kernel::kernel_release(),
+                release: crate::bpf::kernel_release(),
             }
         }
         _ => Error::Attach(source),

@@ -140,7 +140,7 @@ impl Plan {
     /// flags installed them, and nothing else; succeeds when nothing is
     /// installed.
     pub fn remove(&self) -> Result<(), Error> {
-        if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
+        if !crate::privileges::has_cap_net_admin().map_err(Error::Capabilities)? {
             return Err(Error::NoNetAdmin);
         }
         // A host that runs only the eBPF mode needs no iptables: without the
@@ -206,7 +206,7 @@ fn push_exclusions(set: &mut RuleSet, chain: &str, policy: &Policy, family: Fami
 }
 
 fn preflight(netfilter: bool) -> Result<(), Error> {
-    if !linux::has_cap_net_admin().map_err(Error::Capabilities)? {
+    if !crate::privileges::has_cap_net_admin().map_err(Error::Capabilities)? {
         return Err(Error::NoNetAdmin);
     }
     if netfilter {

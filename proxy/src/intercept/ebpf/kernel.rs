@@ -15,10 +15,6 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::query::{LinkInfo, LinkTypeInfo};
 use libbpf_rs::ProgramAttachType;
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
-
 /// A network namespace, held open by a descriptor.
 #[derive(Debug)]
 pub(super) struct Netns {
@@ -168,26 +164,6 @@ pub(super) fn program(prog_id: u32) -> io::Result<ProgRecord> {
     Ok(ProgRecord { name, map_ids })
 }
 
-/// The calling thread's effective capability set (capabilities are per
-/// thread, so not /proc/self).
-fn effective_caps() -> io::Result<u64> {
-    let status = std::fs::read_to_string("/proc/thread-self/status")?;
-    let hex = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/thread-self/status"))?;
-    u64::from_str_radix(hex.trim(), 16)
-        .map_err(|e| io::Error::other(format!("bad CapEff in /proc/thread-self/status: {e}")))
-}
-
-/// Loading a networking BPF program and creating a sockmap needs CAP_BPF
-/// (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
-pub(super) fn may_load() -> io::Result<bool> {
-    let caps = effective_caps()?;
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    Ok((has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN))
-}
-
 /// Whether the kernel knows `BPF_PROG_TYPE_SK_LOOKUP`; `None` when the probe
 /// itself failed.
 pub(super) fn sk_lookup_supported() -> Option<bool> {
@@ -205,16 +181,9 @@ pub(super) fn sk_lookup_supported() -> Option<bool> {
     }
 }
 
-/// `uname -r`.
-pub(super) fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|r| r.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// (major, minor) of the running kernel, if its release string parses.
 pub(super) fn kernel_version() -> Option<(u32, u32)> {
-    let release = kernel_release();
+    let release = crate::bpf::kernel_release();
     let mut parts = release.split(['.', '-']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
