@@ -648,9 +648,7 @@ impl<'a> Joined<'a> {
             return Some(self.fail(side, failed, End::ReadFailed(io::Error::other(error))));
         }
         let paused_at = Instant::now();
-        let mut taken_at_pause = None;
-        let mut taken_before = None;
-        let mut still = FIRST_LOOK;
+        let mut pace = Pace::default();
         loop {
             if failed.get() {
                 return Some(self.ended(side, End::Eof));
@@ -667,30 +665,7 @@ impl<'a> Joined<'a> {
                 Ok(progress) => progress,
                 Err(error) => return Some(self.fail(side, failed, End::WriteFailed(error))),
             };
-            // Look again when, at the pace the peer has taken bytes since
-            // the pause, it should be down to RESUME_AT: resumed late, the
-            // stream stands still. The kernel feeds the peer in bursts (it
-            // retries a full send buffer a clock tick later), so the pace
-            // is taken over the whole pause. A peer that took nothing since
-            // the last look is looked at again soon, then less and less
-            // often: a stalled workload costs a look a second, not
-            // hundreds.
-            // `taken` is a lower bound read in two steps (see `written`):
-            // it can dip, so differences saturate.
-            let gained = taken.saturating_sub(*taken_at_pause.get_or_insert(taken));
-            let moved = taken_before.is_some_and(|before| taken > before);
-            taken_before = Some(taken);
-            let wait = if moved && gained > 0 {
-                still = FIRST_LOOK;
-                let per_second = gained as f64 / paused_at.elapsed().as_secs_f64();
-                Duration::try_from_secs_f64((backlog - RESUME_AT) as f64 / per_second)
-                    .map_or(MAX_LOOK, |wait| wait.min(MAX_LOOK))
-            } else {
-                let wait = still;
-                still = (still * 2).min(MAX_STILL_LOOK);
-                wait
-            };
-            tokio::time::sleep(wait.max(MIN_LOOK)).await;
+            tokio::time::sleep(pace.next_look(backlog, taken, paused_at.elapsed())).await;
         }
         debug!(held_back_for = ?paused_at.elapsed(), "sockmap: the peer caught up; resuming the redirect");
         match update(&self.engine.socks, self.cookies[side], &socket_fd(from)) {
@@ -885,6 +860,58 @@ fn all_forwarded(received: u64, forwarded: u64) -> io::Result<()> {
     )))
 }
 
+/// When a held-back direction looks at its peer again (see `keep_up`): at
+/// the pace the peer has taken bytes since the pause, when it should be down
+/// to [`RESUME_AT`] (resumed late, the stream stands still). The kernel
+/// feeds the peer in bursts (it retries a full send buffer a clock tick
+/// later), so the pace is taken over the whole pause. A peer that took
+/// nothing since the last look is looked at again soon, then less and less
+/// often: a stalled workload costs a look a second, not hundreds.
+#[derive(Debug)]
+struct Pace {
+    /// What the peer had taken at the first look.
+    taken_at_pause: Option<u64>,
+    /// What it had taken at the last look.
+    taken_before: Option<u64>,
+    /// The next wait if the peer takes nothing meanwhile.
+    still: Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace {
+            taken_at_pause: None,
+            taken_before: None,
+            still: FIRST_LOOK,
+        }
+    }
+}
+
+impl Pace {
+    /// The wait until the next look. `backlog`: bytes redirected and not
+    /// taken yet; `taken`: bytes the peer has taken since the join, a lower
+    /// bound read in two steps (see `written`) that can dip, so differences
+    /// saturate; `paused_for`: time since the pause.
+    fn next_look(&mut self, backlog: u64, taken: u64, paused_for: Duration) -> Duration {
+        let gained = taken.saturating_sub(*self.taken_at_pause.get_or_insert(taken));
+        let moved = self.taken_before.is_some_and(|before| taken > before);
+        self.taken_before = Some(taken);
+        let wait = if moved && gained > 0 {
+            self.still = FIRST_LOOK;
+            // A zero `paused_for` makes the pace infinite and the wait
+            // zero; a tiny pace makes it too long for a Duration: MAX_LOOK.
+            let per_second = gained as f64 / paused_for.as_secs_f64();
+            Duration::try_from_secs_f64(backlog.saturating_sub(RESUME_AT) as f64 / per_second)
+                .map_or(MAX_LOOK, |wait| wait.min(MAX_LOOK))
+        } else {
+            let wait = self.still;
+            self.still = (self.still * 2).min(MAX_STILL_LOOK);
+            wait
+        };
+        wait.max(MIN_LOOK)
+    }
+}
+
 /// Bytes `socket` has taken into its send queue since it was made
 /// (write_seq's progress), as a lower bound: bytes_acked is read first and
 /// the queue (write_seq - snd_una) second, so bytes an ACK covers between
@@ -931,5 +958,80 @@ pub fn warn_not_joined(error: &io::Error) {
         tracing::debug!(%error, "sockmap could not take a connection; forwarded with copy");
     } else {
         warn!(%error, "sockmap could not take a connection; forwarding it (and any other it cannot take) with copy (logged once)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_first_look_and_a_still_peer_back_off_to_a_second() {
+        let mut pace = Pace::default();
+        let mut waits = Vec::new();
+        for _ in 0..14 {
+            waits.push(pace.next_look(8 * MIB, 5 * MIB, Duration::from_millis(3)));
+        }
+        assert_eq!(waits[0], FIRST_LOOK);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), MAX_STILL_LOOK);
+    }
+
+    #[test]
+    fn a_moving_peer_is_looked_at_when_it_should_be_at_resume_at() {
+        let mut pace = Pace::default();
+        pace.next_look(8 * MIB, 0, Duration::ZERO);
+        // 1 MiB in 1 s, 1 KiB above RESUME_AT: about a millisecond.
+        let wait = pace.next_look(RESUME_AT + 1024, MIB, Duration::from_secs(1));
+        assert!(
+            (Duration::from_micros(950)..=Duration::from_micros(1000)).contains(&wait),
+            "{wait:?}"
+        );
+        // A slow peer: no longer than MAX_LOOK.
+        let wait = pace.next_look(8 * MIB, MIB + 1, Duration::from_secs(1000));
+        assert_eq!(wait, MAX_LOOK);
+        // Moving again after a still spell starts the spell over.
+        pace.next_look(8 * MIB, MIB + 1, Duration::from_secs(1000));
+        pace.next_look(8 * MIB, MIB + 1, Duration::from_secs(1000));
+        pace.next_look(8 * MIB, MIB + 2, Duration::from_secs(1000));
+        assert_eq!(
+            pace.next_look(8 * MIB, MIB + 2, Duration::from_secs(1000)),
+            FIRST_LOOK
+        );
+    }
+
+    /// The pace's edges: no time since the pause (an infinite pace), a
+    /// backlog already at or below RESUME_AT, a counter that dips (the
+    /// `Duration::from_secs_f64(inf)` panic of a zero pace, once), the
+    /// largest figures.
+    #[test]
+    fn the_pace_survives_its_edges() {
+        let mut pace = Pace::default();
+        pace.next_look(8 * MIB, MIB, Duration::ZERO);
+        assert_eq!(pace.next_look(8 * MIB, 2 * MIB, Duration::ZERO), MIN_LOOK);
+        assert_eq!(
+            pace.next_look(RESUME_AT / 2, 3 * MIB, Duration::from_millis(1)),
+            MIN_LOOK
+        );
+        // Dips below where it was at the pause, then moves without gaining.
+        let mut pace = Pace::default();
+        pace.next_look(8 * MIB, 5 * MIB, Duration::from_millis(1));
+        pace.next_look(8 * MIB, 4 * MIB, Duration::from_millis(2));
+        let wait = pace.next_look(8 * MIB, 4 * MIB + 1, Duration::from_millis(3));
+        assert!((MIN_LOOK..=MAX_STILL_LOOK).contains(&wait), "{wait:?}");
+        for backlog in [0, 1, RESUME_AT, RESUME_AT + 1, u64::MAX] {
+            for paused_for in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+                let mut pace = Pace::default();
+                for taken in [0, u64::MAX / 2, u64::MAX, 1, u64::MAX] {
+                    let wait = pace.next_look(backlog, taken, paused_for);
+                    assert!(
+                        (MIN_LOOK..=MAX_STILL_LOOK).contains(&wait),
+                        "{backlog} {taken} {paused_for:?}: {wait:?}"
+                    );
+                }
+            }
+        }
     }
 }
