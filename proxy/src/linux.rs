@@ -349,6 +349,35 @@ pub fn recv_now(socket: &impl AsRawFd, buffer: &mut Vec<u8>) -> io::Result<usize
     Ok(n)
 }
 
+/// Bytes waiting in `socket`'s receive queue (up to its end of stream),
+/// counted by a peek that copies nothing: `MSG_PEEK | MSG_TRUNC`, with which
+/// TCP walks its queue and only counts. Not `SIOCINQ`: for a socket in a
+/// sockmap Linux answers that from the psock's own queue (`tcp_bpf_ioctl`).
+pub fn unread_bytes(socket: &impl AsRawFd) -> io::Result<u64> {
+    // More than any receive queue holds (the kernel caps reads at 2 GiB).
+    const ALL: usize = 1 << 30;
+    // SAFETY: with MSG_TRUNC, TCP copies nothing, so the kernel never
+    // writes through the null buffer; it only checks that the range is one
+    // of user addresses, which it is.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            std::ptr::null_mut(),
+            ALL,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::WouldBlock {
+            Ok(0)
+        } else {
+            Err(error)
+        };
+    }
+    u64::try_from(n).map_err(|_| io::Error::other("recv returned a negative count"))
+}
+
 /// A pipe for `splice(2)`: both ends non-blocking, resized to `size` bytes
 /// where the kernel allows it.
 pub struct Pipe {

@@ -73,6 +73,18 @@
 //! bench's single stream to less than half its rate.
 //! A FIN that comes while paused is passed on after the rest is copied,
 //! since the kernel joins only established sockets.
+//!
+//! ## No stream goes on past a hole
+//!
+//! Taking a socket out of `sl_socks` while a program run is under way cuts
+//! that run short, and the kernel drops what it had not reached. `SO_RCVLOWAT`
+//! keeps runs from starting first, but cannot close the window between the
+//! two calls. So after every such delete, once the socket's lock has been
+//! taken (a run under way has ended), the direction checks that every byte
+//! the socket received was copied before the join, redirected, or still waits
+//! in its receive queue ([`account`]); if not, both sockets are reset before
+//! anything resumes the redirect or copies the rest, so the peer never gets
+//! the bytes after the hole.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -93,7 +105,7 @@ use tokio_uring::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{copy, Direction, End, Forwarded, Sockmap, Teardown};
-use crate::linux;
+use crate::linux::{self, TcpCounters};
 use crate::uring;
 
 #[allow(
@@ -149,6 +161,17 @@ const MAX_STILL_LOOK: Duration = Duration::from_secs(1);
 /// Longest pause between two looks at whether the peer has taken every
 /// redirected byte.
 const MAX_BACKOFF: Duration = Duration::from_millis(8);
+
+/// How long the count of a socket's bytes (see `check_count`) may keep
+/// moving. Nothing empties its receive queue meanwhile, so its window
+/// closes and the bytes stop within milliseconds of a fast sender.
+const COUNT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// TCP states (linux/tcp.h numbering) past the peer's FIN.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -503,23 +526,43 @@ impl<'a> Joined<'a> {
                 return Err(JoinError::After(joined, error));
             }
         }
+        #[cfg(feature = "test-inject")]
+        if inject::set("sockmap-unjoin") {
+            return Err(JoinError::After(
+                joined,
+                io::Error::other("test-inject: sockmap-unjoin"),
+            ));
+        }
         Ok(joined)
     }
 
     /// Undoes a join that went half-way, without losing a byte: stops the
-    /// program on both sockets, lets each peer take what was redirected to
-    /// it, and leaves the rest in the receive queues for another forwarder.
+    /// program on both sockets, checks that no byte was lost meanwhile, lets
+    /// each peer take what was redirected to it, and leaves the rest in the
+    /// receive queues for another forwarder. An error: the connection must
+    /// be reset.
     async fn unjoin(self) -> io::Result<()> {
+        // As when a direction is held back (see `keep_up`): no program run
+        // may start while the sockets leave sl_socks.
+        for socket in self.sockets {
+            linux::set_rcvlowat(socket, QUIET_LOWAT)?;
+        }
         for cookie in self.cookies {
             // ENOENT: never inserted.
             let _ = self.engine.socks.delete(&cookie.to_ne_bytes());
         }
-        // TCP_INFO takes each socket's lock: a program run already under way
-        // has ended, and none starts now.
-        for socket in self.sockets {
-            linux::tcp_counters(socket)?;
+        #[cfg(feature = "test-inject")]
+        if let Some(bytes) = inject::take("sockmap-hole-at-unjoin") {
+            inject::drop_bytes(self.sockets[CLIENT], bytes).await?;
         }
         let failed = Cell::new(false);
+        for side in [CLIENT, UPSTREAM] {
+            self.check_count(side, &failed).await?;
+        }
+        // Another forwarder's reads would wait for SO_RCVLOWAT bytes.
+        for socket in self.sockets {
+            linux::set_rcvlowat(socket, 1)?;
+        }
         for side in [CLIENT, UPSTREAM] {
             let redirected = self.redirected(side)?;
             self.taken(
@@ -626,8 +669,9 @@ impl<'a> Joined<'a> {
         // start: with SO_RCVLOWAT at QUIET_LOWAT TCP calls the data-ready
         // callback only once that much has come, far more than arrives in
         // the microseconds until the program is gone, and setting it takes
-        // the socket's lock, which waits out a run under way. A loss would
-        // still be caught by the count at the FIN and reset the connection.
+        // the socket's lock, which waits out a run under way. A run can still
+        // start between the two calls (this thread preempted, a megabyte
+        // arriving): the count after the delete catches that.
         if let Err(error) = linux::set_rcvlowat(from, QUIET_LOWAT) {
             return Some(self.fail(side, failed, End::ReadFailed(error)));
         }
@@ -646,6 +690,16 @@ impl<'a> Joined<'a> {
         let key = self.cookies[side].to_ne_bytes();
         if let Err(error) = self.engine.socks.delete(&key) {
             return Some(self.fail(side, failed, End::ReadFailed(io::Error::other(error))));
+        }
+        #[cfg(feature = "test-inject")]
+        if let Some(bytes) = inject::take("sockmap-hole-at-pause") {
+            if let Err(error) = inject::drop_bytes(from, bytes).await {
+                return Some(self.fail(side, failed, End::ReadFailed(error)));
+            }
+        }
+        // Before anything resumes the redirect or copies the rest.
+        if let Err(error) = self.check_count(side, failed).await {
+            return Some(self.fail(side, failed, End::ReadFailed(error)));
         }
         let paused_at = Instant::now();
         let mut pace = Pace::default();
@@ -759,6 +813,38 @@ impl<'a> Joined<'a> {
         }
     }
 
+    /// Checks that socket `side`, just taken out of sl_socks, lost no byte:
+    /// see [`account`]. Looks until the figures hold still.
+    async fn check_count(&self, side: usize, failed: &Cell<bool>) -> io::Result<()> {
+        let socket = self.sockets[side];
+        // TCP_INFO takes the socket's lock: a program run under way at the
+        // delete has ended, and the count of redirected bytes is final.
+        linux::tcp_counters(socket)?;
+        let forwarded = self.copied[side] + self.redirected(side)?;
+        let deadline = Instant::now() + COUNT_PATIENCE;
+        let mut wait = MIN_LOOK;
+        loop {
+            if failed.get() {
+                return Ok(());
+            }
+            let before = linux::tcp_counters(socket)?;
+            let queued = linux::unread_bytes(socket)?;
+            let after = linux::tcp_counters(socket)?;
+            match account(before, queued, after, forwarded) {
+                Account::Whole => return Ok(()),
+                Account::Hole(error) => return Err(error),
+                Account::Moving if Instant::now() >= deadline => {
+                    return Err(io::Error::other(format!(
+                        "sockmap: bytes kept arriving for {COUNT_PATIENCE:?}; they could not be counted"
+                    )))
+                }
+                Account::Moving => {}
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_LOOK);
+        }
+    }
+
     /// Bytes the program redirected from socket `side` to its peer.
     fn redirected(&self, side: usize) -> io::Result<u64> {
         let value = self
@@ -858,6 +944,55 @@ fn all_forwarded(received: u64, forwarded: u64) -> io::Result<()> {
         "sockmap: {} bytes received before the FIN but {forwarded} forwarded (copied and redirected)",
         received.saturating_sub(1)
     )))
+}
+
+/// What a socket's counters say of the bytes it received, read once no
+/// program run can take more of them (the socket out of sl_socks, its lock
+/// taken since).
+#[derive(Debug)]
+enum Account {
+    /// Every byte was forwarded (copied before the join or redirected) or
+    /// still waits in the receive queue.
+    Whole,
+    /// Bytes left the receive queue without being forwarded: a program run
+    /// cut short by the delete, whose unreached bytes the kernel dropped.
+    Hole(io::Error),
+    /// A segment arrived between the reads: look again.
+    Moving,
+}
+
+/// Whether all a socket received is accounted for: `before` and `after`,
+/// its counters read just before and after `queued`, the bytes in its
+/// receive queue; `forwarded`, the bytes copied before the join and
+/// redirected since.
+fn account(before: TcpCounters, queued: u64, after: TcpCounters, forwarded: u64) -> Account {
+    if before.bytes_received != after.bytes_received {
+        return Account::Moving;
+    }
+    // `bytes_received` counts a FIN as one; a closed socket may have had
+    // one (both sides closed) or not (reset).
+    let fins = match after.state {
+        TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING => 1..=1,
+        linux::TCP_CLOSE => 0..=1,
+        _ => 0..=0,
+    };
+    let unaccounted = i128::from(after.bytes_received) - i128::from(forwarded) - i128::from(queued);
+    if (i128::from(*fins.start())..=i128::from(*fins.end())).contains(&unaccounted) {
+        return Account::Whole;
+    }
+    let payload = after.bytes_received.saturating_sub(*fins.start());
+    Account::Hole(io::Error::other(if unaccounted > i128::from(*fins.end()) {
+        format!(
+            "sockmap: {payload} bytes received but {forwarded} forwarded and {queued} still \
+             queued (a program run cut short dropped the rest): reset rather than go on past \
+             the hole"
+        )
+    } else {
+        format!(
+            "sockmap: {forwarded} bytes forwarded and {queued} still queued, more than the \
+             {payload} received"
+        )
+    }))
 }
 
 /// When a held-back direction looks at its peer again (see `keep_up`): at
@@ -961,9 +1096,160 @@ pub fn warn_not_joined(error: &io::Error) {
     }
 }
 
+/// Faults the tests inject, named in `SLUICE_TEST_INJECT` (comma-separated,
+/// `name` or `name=bytes`). Only with the cargo feature `test-inject`, which
+/// only the tests turn on: a release build has no trace of it.
+/// - `sockmap-hole-at-pause=N`: the first direction held back loses N bytes
+///   of its receive queue once out of sl_socks, as to a program run the
+///   delete cut short;
+/// - `sockmap-unjoin`: every join is undone at its end, as when the
+///   workload's FIN comes between the two sockets' inserts;
+/// - `sockmap-hole-at-unjoin=N`: the first unjoin loses N bytes of the
+///   client socket's receive queue.
+#[cfg(feature = "test-inject")]
+mod inject {
+    use std::io;
+    use std::sync::{Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+
+    use tokio_uring::net::TcpStream;
+
+    use crate::linux;
+
+    /// Faults not yet taken; read from the environment at the first use.
+    static FAULTS: Mutex<Option<Vec<(String, u64)>>> = Mutex::new(None);
+
+    fn with<T>(f: impl FnOnce(&mut Vec<(String, u64)>) -> T) -> T {
+        let mut faults = FAULTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let faults = faults.get_or_insert_with(|| {
+            std::env::var("SLUICE_TEST_INJECT")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|fault| !fault.is_empty())
+                .map(|fault| match fault.split_once('=') {
+                    Some((name, bytes)) => (name.to_owned(), bytes.parse().unwrap_or(0)),
+                    None => (fault.to_owned(), 0),
+                })
+                .collect()
+        });
+        f(faults)
+    }
+
+    /// Whether fault `name` is set; it stays set.
+    pub fn set(name: &str) -> bool {
+        with(|faults| faults.iter().any(|(fault, _)| fault == name))
+    }
+
+    /// Fault `name`'s figure, to its first taker only.
+    pub fn take(name: &str) -> Option<u64> {
+        with(|faults| {
+            let at = faults.iter().position(|(fault, _)| fault == name)?;
+            Some(faults.remove(at).1)
+        })
+    }
+
+    /// Reads and throws away `bytes` bytes of `socket`'s receive queue,
+    /// waiting (a bounded time) for them to arrive.
+    pub async fn drop_bytes(socket: &TcpStream, bytes: u64) -> io::Result<()> {
+        let mut left = usize::try_from(bytes).map_err(io::Error::other)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while left > 0 {
+            let mut buffer = Vec::with_capacity(left);
+            match linux::recv_now(socket, &mut buffer) {
+                Ok(0) => {
+                    return Err(io::Error::other(
+                        "test-inject: end of stream before the hole",
+                    ))
+                }
+                Ok(n) => left = left.saturating_sub(n),
+                Err(error)
+                    if error.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        tracing::warn!(bytes, "test-inject: a hole in the stream");
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counters(state: u8, bytes_received: u64) -> TcpCounters {
+        TcpCounters {
+            state,
+            bytes_acked: 0,
+            bytes_received,
+        }
+    }
+
+    const ESTABLISHED: u8 = 1;
+
+    #[test]
+    fn every_byte_forwarded_or_queued_is_whole() {
+        let c = counters(ESTABLISHED, 1000);
+        assert!(matches!(account(c, 400, c, 600), Account::Whole));
+        assert!(matches!(account(c, 0, c, 1000), Account::Whole));
+        assert!(matches!(account(c, 1000, c, 0), Account::Whole));
+    }
+
+    #[test]
+    fn bytes_neither_forwarded_nor_queued_are_a_hole() {
+        let c = counters(ESTABLISHED, 1000);
+        let Account::Hole(error) = account(c, 300, c, 600) else {
+            panic!("100 bytes missing, not seen");
+        };
+        let error = error.to_string();
+        assert!(error.contains("1000 bytes received but 600 forwarded and 300 still queued"));
+        // More accounted for than received: no hole, but no sense either.
+        let Account::Hole(error) = account(c, 500, c, 600) else {
+            panic!("100 bytes too many, not seen");
+        };
+        assert!(error.to_string().contains("more than the 1000 received"));
+    }
+
+    #[test]
+    fn a_fin_counts_as_one_received() {
+        for state in [TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_TIME_WAIT] {
+            let c = counters(state, 1001);
+            assert!(matches!(account(c, 1, c, 999), Account::Whole), "{state}");
+            assert!(
+                matches!(account(c, 1, c, 1000), Account::Hole(_)),
+                "{state}"
+            );
+            assert!(matches!(account(c, 1, c, 998), Account::Hole(_)), "{state}");
+        }
+        // Closed: with a FIN, or reset without one.
+        let closed = counters(linux::TCP_CLOSE, 1001);
+        assert!(matches!(account(closed, 1, closed, 999), Account::Whole));
+        assert!(matches!(account(closed, 1, closed, 1000), Account::Whole));
+        assert!(matches!(account(closed, 1, closed, 998), Account::Hole(_)));
+    }
+
+    #[test]
+    fn bytes_arriving_between_the_reads_say_nothing() {
+        let before = counters(ESTABLISHED, 1000);
+        let after = counters(ESTABLISHED, 2000);
+        assert!(matches!(account(before, 1000, after, 600), Account::Moving));
+        // A FIN arriving meanwhile too.
+        let fin = counters(TCP_CLOSE_WAIT, 1001);
+        assert!(matches!(account(before, 400, fin, 600), Account::Moving));
+    }
+
+    #[test]
+    fn zero_counters_do_not_overflow() {
+        let zero = counters(linux::TCP_CLOSE, 0);
+        assert!(matches!(account(zero, 0, zero, 0), Account::Whole));
+        assert!(matches!(account(zero, 0, zero, u64::MAX), Account::Hole(_)));
+        assert!(matches!(
+            account(zero, u64::MAX, zero, u64::MAX),
+            Account::Hole(_)
+        ));
+    }
 
     const MIB: u64 = 1 << 20;
 
