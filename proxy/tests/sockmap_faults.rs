@@ -2,15 +2,17 @@
 //! on purpose, injected into sluice (cargo feature `test-inject`, which
 //! proxy/Cargo.toml turns on for every test build; `SLUICE_TEST_INJECT`
 //! names the fault): a program run cut short by a socket leaving
-//! `sl_socks` (the kernel drops what it had not reached). It must reset the
-//! connection at once: the peer never gets a byte after a hole.
+//! `sl_socks` (the kernel drops what it had not reached), and redirected
+//! bytes that never reach the peer. Each must reset the connection at once:
+//! the peer never gets a byte after a hole, and no connection waits for
+//! bytes that will not come.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use netlab::ClientPod;
@@ -244,4 +246,53 @@ fn an_undone_join_goes_on_with_copy() {
     }
     let log = sluice.stop();
     assert!(log.contains("test-inject: sockmap-unjoin"), "{log}");
+}
+
+/// Redirected bytes that never reach the workload's socket (lost in the
+/// kernel, with no error on either socket) hold the client's FIN back for
+/// ever: with `--idle-timeout 0` nothing else would end the connection.
+/// sluice sees the workload's send queue empty with bytes missing and
+/// resets both sides.
+#[test]
+fn bytes_lost_on_the_way_reset_the_connection() {
+    let topology = ClientPod::new("smf-lost").expect("topology");
+    let _workload = Workload::start(&topology.pod, PORT, Behaviour::Echo, 1);
+    let launch = Launch {
+        env: &[("SLUICE_TEST_INJECT", "sockmap-lost=4096")],
+        ..Launch::default()
+    };
+    let sluice = Sluice::launch(
+        &topology.pod,
+        &launch,
+        &[
+            "--forward",
+            "sockmap",
+            "--sockmap-after",
+            "0",
+            "--idle-timeout",
+            "0",
+            "--ports",
+            "9080",
+            "--install-rules",
+            "--log-level",
+            "debug",
+        ],
+    );
+    let mut stream = connect(&topology.client, pod_v4(PORT)).expect("connect");
+    echo_once(&mut stream, &random_bytes(1000, 1));
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let end = stream.read_to_end(&mut rest);
+    let log = sluice.log();
+    match end {
+        Err(error) if is_reset(error.kind()) => {}
+        other => panic!(
+            "after {:?} the client's stream ended with {other:?} ({} bytes), not a reset\n{log}",
+            start.elapsed(),
+            rest.len()
+        ),
+    }
+    assert!(log.contains("never reached the peer"), "{log}");
 }

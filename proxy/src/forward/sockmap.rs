@@ -159,8 +159,13 @@ const MAX_LOOK: Duration = Duration::from_millis(4);
 const MAX_STILL_LOOK: Duration = Duration::from_secs(1);
 
 /// Longest pause between two looks at whether the peer has taken every
-/// redirected byte.
+/// redirected byte, while it takes some.
 const MAX_BACKOFF: Duration = Duration::from_millis(8);
+
+/// How long a peer whose send queue is empty may still lack redirected bytes
+/// before they count as lost (see `taken`): the kernel moves them as soon as
+/// the queue has room, within a clock tick.
+const LOST_AFTER: Duration = Duration::from_secs(2);
 
 /// How long the count of a socket's bytes (see `check_count`) may keep
 /// moving. Nothing empties its receive queue meanwhile, so its window
@@ -630,6 +635,8 @@ impl<'a> Joined<'a> {
             return self.fail(side, failed, End::ReadFailed(error));
         }
         let target = self.written_before[1 - side] + redirected;
+        #[cfg(feature = "test-inject")]
+        let target = target + inject::take("sockmap-lost").unwrap_or(0);
         if let Err(error) = self.taken(1 - side, target, failed).await {
             return self.fail(side, failed, End::WriteFailed(error));
         }
@@ -791,12 +798,23 @@ impl<'a> Joined<'a> {
 
     /// Waits until socket `side` has taken `target` bytes (acked + queued)
     /// into its send queue. Ends early, with `Ok`, if the other direction
-    /// failed meanwhile.
+    /// failed meanwhile; with an error if the socket fails or the bytes are
+    /// lost. A peer that takes them slowly, or not at all (a workload that
+    /// stopped reading: its send queue stays full), is waited for as copy
+    /// waits on a write, until its connection fails (TCP gives up on a peer
+    /// gone) or the idle timeout resets it; it is looked at less and less
+    /// often while it takes nothing.
     async fn taken(&self, side: usize, target: u64, failed: &Cell<bool>) -> io::Result<()> {
         let socket = self.sockets[side];
         let mut backoff = Duration::from_micros(250);
+        let mut last = None;
+        let mut empty_since = None;
         loop {
-            if failed.get() || written(socket)? >= target {
+            if failed.get() {
+                return Ok(());
+            }
+            let (written, queued) = sent_and_queued(socket)?;
+            if written >= target {
                 return Ok(());
             }
             // The socket was reset, or the kernel's send of redirected bytes
@@ -806,10 +824,28 @@ impl<'a> Joined<'a> {
                 return Err(linux::take_error(socket)?
                     .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
             }
-            // The workqueue moves the bytes as the send buffer frees up;
-            // there is no event for "psock queue empty", so look again soon.
+            let moved = last.is_some_and(|last| written > last);
+            last = Some(written);
+            // The workqueue moves redirected bytes into the send queue as
+            // soon as it has room: a peer whose queue stays empty while it
+            // lacks some will never get them (a redirect the kernel could
+            // not deliver is dropped without an error on either socket).
+            // Without this the wait would last until the idle timeout, or
+            // for ever with `--idle-timeout 0`.
+            if moved || queued > 0 {
+                empty_since = None;
+            } else if empty_since.get_or_insert_with(Instant::now).elapsed() >= LOST_AFTER {
+                return Err(io::Error::other(format!(
+                    "sockmap: {} redirected bytes never reached the peer's send queue",
+                    target - written
+                )));
+            }
+            // There is no event for "psock queue empty", so look again soon;
+            // but a peer whose send queue holds bytes and took none since the
+            // last look waits for its reader: less and less often then.
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let stalled = !moved && queued > 0;
+            backoff = (backoff * 2).min(if stalled { MAX_STILL_LOOK } else { MAX_BACKOFF });
         }
     }
 
@@ -1052,9 +1088,15 @@ impl Pace {
 /// the queue (write_seq - snd_una) second, so bytes an ACK covers between
 /// the two reads are missing from both figures, never counted twice.
 fn written(socket: &TcpStream) -> io::Result<u64> {
+    sent_and_queued(socket).map(|(written, _)| written)
+}
+
+/// [`written`], and the bytes in the send queue (sent and not acknowledged,
+/// or not sent yet) at the second read.
+fn sent_and_queued(socket: &TcpStream) -> io::Result<(u64, u32)> {
     let acked = linux::tcp_counters(socket)?.bytes_acked;
     let queued = linux::send_queue_bytes(socket)?;
-    Ok(acked + u64::from(queued))
+    Ok((acked + u64::from(queued), queued))
 }
 
 /// A map update that keeps the kernel's errno (libbpf-rs' errors do not
@@ -1105,7 +1147,9 @@ pub fn warn_not_joined(error: &io::Error) {
 /// - `sockmap-unjoin`: every join is undone at its end, as when the
 ///   workload's FIN comes between the two sockets' inserts;
 /// - `sockmap-hole-at-unjoin=N`: the first unjoin loses N bytes of the
-///   client socket's receive queue.
+///   client socket's receive queue;
+/// - `sockmap-lost=N`: the first FIN waits for N redirected bytes more than
+///   there are, as if the kernel had lost them on the way to the peer.
 #[cfg(feature = "test-inject")]
 mod inject {
     use std::io;
