@@ -1228,6 +1228,8 @@ mod tests {
             state,
             bytes_acked: 0,
             bytes_received,
+            notsent_bytes: 0,
+            unacked_segments: 0,
         }
     }
 
