@@ -133,7 +133,7 @@ bench-check: bench-deps
 # syscall per connection (both must fail). Hours; not in CI. Needs sluice's
 # cargo feature bench-inject (built into target/bench-inject/).
 SELFTEST_RUNS ?= 10
-SELFTEST_SPIN_US ?= 30
+SELFTEST_SPIN_US ?= 12
 SELFTEST_CASES ?= same spin syscall
 bench-check-selftest: bench-deps
 	$(CARGO) build --release --workspace

@@ -1028,8 +1028,32 @@ mod tests {
         .unwrap();
         assert_eq!(count_runs, 4);
         assert!(!outcome.passed());
-        // A failed figure ends the rounds at the minimum.
-        assert_eq!(outcome.timed_pairs, 5);
+        // Confirmed, it fails the check with no timed pair at all.
+        assert_eq!(outcome.timed_pairs, 0);
+    }
+
+    #[test]
+    fn a_count_figure_that_one_pair_alone_shows_runs_the_timed_pairs() {
+        let mut count_runs = 0;
+        let outcome = run(&plan(5, 5), |side, pass| {
+            Ok(match pass {
+                Pass::Count => {
+                    count_runs += 1;
+                    // Only the first pair's head shows a syscall more.
+                    let extra = if side == Side::Head && count_runs <= 2 {
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    vec![value("tproxy", "syscalls", SYSCALLS, 16.0 + extra)]
+                }
+                Pass::Timed => crr("tproxy", 10_000.0),
+            })
+        })
+        .unwrap();
+        assert_eq!(count_runs, 4);
+        assert_eq!(outcome.timed_pairs, 5, "{}", summary(&outcome));
+        assert!(outcome.passed(), "{}", table(&outcome));
     }
 
     #[test]
