@@ -192,20 +192,31 @@ fn netns_ino(ns: &Netns) -> u64 {
     fs::metadata(ns.path()).expect("stat the namespace").ino()
 }
 
+/// `bpftool link show`'s plain output. bpftool lists every link on the
+/// machine, then opens each by id; a link that another test is creating
+/// (its id not yet settled: EAGAIN) or freeing (ENOENT) in between fails
+/// the whole listing, so a failure is retried a bounded number of times.
+fn bpftool_link_show() -> String {
+    let mut failures = Vec::new();
+    for _ in 0..10 {
+        let out = Command::new("bpftool")
+            .args(["link", "show"])
+            .output()
+            .expect("run bpftool (apt-get install bpftool)");
+        if out.status.success() {
+            return String::from_utf8(out.stdout).expect("bpftool prints UTF-8");
+        }
+        failures.push(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("bpftool link show failed 10 times: {failures:?}");
+}
+
 /// (link id, program id) of every sk_lookup link on `ns`, from `bpftool
 /// link show`, whose plain output is one record per link:
 /// `12: netns  prog 45` then an indented `netns_ino 4026532…  attach_type sk_lookup`.
 fn bpftool_sk_lookup_links(ns: &Netns) -> Vec<(u32, u32)> {
-    let out = Command::new("bpftool")
-        .args(["link", "show"])
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        out.status.success(),
-        "bpftool link show: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("bpftool prints UTF-8");
+    let text = bpftool_link_show();
     let ino = format!("netns_ino {}", netns_ino(ns));
     let mut found = Vec::new();
     let mut record: Vec<&str> = Vec::new();
