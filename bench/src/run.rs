@@ -175,6 +175,8 @@ impl Figures for CrrFigures {
             .zip(other.machine_cpu_s)
             .map(|(a, b)| a + b);
         self.machine_cpu_us_per_conn = cpu_per_connection(self.machine_cpu_s, &self.report);
+        self.proxy_cpu_s = self.proxy_cpu_s.zip(other.proxy_cpu_s).map(|(a, b)| a + b);
+        self.proxy_cpu_us_per_conn = cpu_per_connection(self.proxy_cpu_s, &self.report);
         Ok(())
     }
 }
@@ -272,6 +274,14 @@ pub struct CrrFigures {
     pub machine_cpu_s: Option<f64>,
     /// `machine_cpu_s` per completed connection, in microseconds.
     pub machine_cpu_us_per_conn: Option<f64>,
+    /// The interceptor's own time on a CPU over the load (none for
+    /// `direct`): unlike the rate and the machine's time, it leaves out
+    /// what the hypervisor steals, so the A/B can judge it on a noisy VM.
+    #[serde(default)]
+    pub proxy_cpu_s: Option<f64>,
+    /// `proxy_cpu_s` per completed connection, in microseconds.
+    #[serde(default)]
+    pub proxy_cpu_us_per_conn: Option<f64>,
 }
 
 fn cpu_per_connection(cpu_s: Option<f64>, report: &crr::Report) -> Option<f64> {
@@ -868,14 +878,18 @@ impl<'a> Live<'a> {
     }
 
     fn crr(&self, params: crr::Params) -> Result<CrrFigures> {
+        let cpu_before = self.proxy_cpu();
         let machine_before = sysload::machine_busy_seconds();
         let report = crr::run(self.client(), self.target, params)?;
+        let proxy_cpu_s = cpu_before.zip(self.proxy_cpu()).map(|(a, b)| b - a);
         let machine_cpu_s = machine_before
             .zip(sysload::machine_busy_seconds())
             .map(|(a, b)| b - a);
         Ok(CrrFigures {
             machine_cpu_us_per_conn: cpu_per_connection(machine_cpu_s, &report),
             machine_cpu_s,
+            proxy_cpu_us_per_conn: cpu_per_connection(proxy_cpu_s, &report),
+            proxy_cpu_s,
             report,
             conntrack_after: self.conntrack(),
         })
@@ -974,8 +988,11 @@ impl<'a> Live<'a> {
     fn say_crr(&self, label: &str, l: &Loaded<CrrFigures>) {
         let Some(f) = &l.report else { return };
         let r = &f.report;
+        let cpu = f
+            .proxy_cpu_us_per_conn
+            .map_or(String::new(), |c| format!(", proxy {c:.1} CPU µs/conn"));
         let line = format!(
-            "{:.0} conn/s, p50 {:.1} p99 {:.1} µs{}{}",
+            "{:.0} conn/s, p50 {:.1} p99 {:.1} µs{cpu}{}{}",
             r.rate,
             r.latency.p50_us,
             r.latency.p99_us,
