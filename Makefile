@@ -10,7 +10,9 @@ APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-conf
 # curl, python3: the README's quickstarts, which bench/tests/quickstart.rs runs.
 APT_PACKAGES += curl python3
 # linux-perf: the interceptors' syscall counts (perf stat) and `make profile`.
-BENCH_PACKAGES := haproxy linux-perf
+# valgrind: the interceptor's user-space instructions per connection
+# (callgrind), bench-check's machine-independent gate on its CPU work.
+BENCH_PACKAGES := haproxy linux-perf valgrind
 PROFILE_PACKAGES := strace
 
 .PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-check-selftest bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
@@ -129,16 +131,17 @@ bench-check: bench-deps
 
 # The check's own error rates (README): SELFTEST_RUNS checks of each case,
 # the same sluice on both sides: unchanged (must pass), head with
-# SELFTEST_SPIN_US µs of CPU burnt per connection, head with one extra
+# SELFTEST_WORK rounds of arithmetic per connection (7500: about 8 µs, some
+# 10% of CRR), head with one extra
 # syscall per connection (both must fail). Hours; not in CI. Needs sluice's
 # cargo feature bench-inject (built into target/bench-inject/).
 SELFTEST_RUNS ?= 10
-SELFTEST_SPIN_US ?= 12
-SELFTEST_CASES ?= same spin syscall
+SELFTEST_WORK ?= 7500
+SELFTEST_CASES ?= same work syscall
 bench-check-selftest: bench-deps
 	$(CARGO) build --release --workspace
 	CARGO_TARGET_DIR=target/bench-inject $(CARGO) build --release -p sluice --bin sluice --features bench-inject
-	RUNS='$(SELFTEST_RUNS)' SPIN_US='$(SELFTEST_SPIN_US)' CASES='$(SELFTEST_CASES)' \
+	RUNS='$(SELFTEST_RUNS)' WORK='$(SELFTEST_WORK)' CASES='$(SELFTEST_CASES)' \
 	  bench/check-selftest $(BENCH_CHECK_ARGS)
 	@$(MAKE) --no-print-directory check-leftovers
 

@@ -32,7 +32,7 @@
 //! | gate | figures | fails when |
 //! | --- | --- | --- |
 //! | exact | errors, bypassed, conntrack peak and after CRR (tproxy, ebpf) | not 0 in any head run |
-//! | count | syscalls per connection (CRR) and per request (RR), conntrack per connection (redirect), RSS KiB per connection | head − base beyond a fixed tolerance in every count pair |
+//! | count | syscalls per connection (CRR) and per request (RR), sluice's user-space instructions per connection (CRR, callgrind), conntrack per connection (redirect), RSS KiB per connection | head − base beyond a fixed tolerance in every count pair |
 //! | time | CRR conn/s, machine and interceptor CPU µs per connection, RR p50, bulk Gbit/s, proxy CPU s per GB | the confidence interval of head/base lies wholly beyond the threshold |
 //! | tail | RR p90, p99, p99.9 | the interval lies wholly beyond 5× (a catastrophe) |
 //! | shown | every figure of `direct`, which has no interceptor | never: it is the A/A control, the noise of the pairing itself; a time or tail regression whose control got worse too (beyond doubt, or by more than 10%) is undecided: those runs measured the machine |
@@ -131,6 +131,13 @@ const SYSCALLS: Gate = Gate::Count {
     bad: Bad::Higher,
     tolerance: 0.5,
 };
+/// Thousands of user-space instructions per connection (callgrind): one
+/// binary gave 31.5-32.9 over five passes; 3 is some 1 µs of CPU, a tenth
+/// of sluice's own user-space work per connection.
+const INSTRUCTIONS: Gate = Gate::Count {
+    bad: Bad::Higher,
+    tolerance: 3.0,
+};
 const CONNTRACK_PER_CONN: Gate = Gate::Count {
     bad: Bad::Higher,
     tolerance: 0.05,
@@ -195,10 +202,12 @@ pub fn profile(pass: Pass) -> Profile {
                 duration: Duration::from_secs(1),
             };
             p.syscalls = true;
+            p.instructions = true;
         }
         Pass::Timed => {
             p.loads = vec![LoadKind::Rr, LoadKind::Bulk, LoadKind::Crr];
             p.syscalls = false;
+            p.instructions = false;
         }
     }
     p
@@ -263,6 +272,10 @@ pub fn figures(run: &Run, pass: Pass) -> Vec<Value> {
                         let figure = format!("{load} all syscalls/{unit}");
                         out.push(value(name, figure, Gate::Shown, all));
                     }
+                }
+                if let Some(per) = l.crr_instructions.as_ref().and_then(|i| i.per_connection) {
+                    let figure = "crr k-instructions/conn";
+                    out.push(value(name, figure, INSTRUCTIONS, per / 1000.0));
                 }
                 if let Some(h) = l.concurrency.as_ref().and_then(|x| x.report.as_ref()) {
                     if !direct && !check::keeps_conntrack_empty(&s.interceptor) {

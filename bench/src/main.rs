@@ -13,6 +13,7 @@
 //! under `--work` (in target/), never over the committed results.
 
 mod ab;
+mod callgrind;
 mod check;
 mod load;
 mod machine;
@@ -770,6 +771,7 @@ fn tools(setup: &Setup, profile: &Profile) -> Result<(Tools, Machine)> {
         workers: setup.workers.unwrap_or(machine.cores).max(1),
         max_connections: profile.max_connections() + 100,
         perf: perf::tool("perf"),
+        callgrind: callgrind::Callgrind::find(),
         scratch: std::env::temp_dir(),
         patience: Patience::new(profile.wait_budget),
         redis,

@@ -69,6 +69,10 @@ pub struct Profile {
     /// and an RR pass of their own. Off for the timed runs of
     /// `bench-check`'s A/B, which count them in runs of their own.
     pub syscalls: bool,
+    /// sluice's user-space instructions per connection: after everything
+    /// else, each sluice scenario is started again under callgrind for a
+    /// CRR pass of one client (`callgrind.rs`).
+    pub instructions: bool,
 }
 
 impl Profile {
@@ -107,6 +111,7 @@ impl Profile {
                 attempts: 1,
                 wait_budget: Duration::ZERO,
                 syscalls: true,
+                instructions: false,
             },
             ProfileName::Quick => Profile {
                 name,
@@ -139,6 +144,7 @@ impl Profile {
                 attempts: 2,
                 wait_budget: s(30),
                 syscalls: true,
+                instructions: false,
             },
             ProfileName::Default => Profile {
                 name,
@@ -171,6 +177,7 @@ impl Profile {
                 attempts: 3,
                 wait_budget: s(360),
                 syscalls: true,
+                instructions: false,
             },
             ProfileName::Check => Profile {
                 name,
@@ -219,6 +226,7 @@ impl Profile {
                 attempts: 2,
                 wait_budget: s(60),
                 syscalls: true,
+                instructions: false,
             },
         }
     }

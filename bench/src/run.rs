@@ -22,10 +22,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use netlab::{ClientPod, Netns};
 use serde::Serialize;
 
+use crate::callgrind::Instructions;
 use crate::load::{bulk, crr, exhaust, hold, redis, rr, Errors};
 use crate::perf::{self, Syscalls, Traced};
 use crate::profile::{LoadKind, Profile};
@@ -72,6 +73,10 @@ pub struct Loads {
     pub crr_syscalls: Option<Syscalls>,
     /// The same over an RR pass, per request.
     pub rr_syscalls: Option<Syscalls>,
+    /// sluice's user-space instructions over a CRR pass of one client,
+    /// the last thing measured (`callgrind.rs`).
+    #[serde(default)]
+    pub crr_instructions: Option<Instructions>,
     /// redis-benchmark, one entry per run of the profile's `redis`.
     pub redis: Vec<Loaded<redis::Report>>,
     pub exhaustion: Option<Loaded<exhaust::Report>>,
@@ -431,7 +436,9 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
     for mut live in lives {
         let result = &mut results[live.index];
         result.elapsed_s = live.busy.as_secs_f64();
-        result.proxy = live.proxy.take().map(|p| {
+        let proxy = live.proxy.take();
+        let counted = proxy.is_some() && !live.dead && profile.instructions;
+        result.proxy = proxy.map(|p| {
             let stopped = p.stop();
             result.forwarder_in_use = stopped.log.ready.as_deref().and_then(forwarder_in_use);
             if stopped.log.warnings + stopped.log.errors > 0 {
@@ -448,6 +455,20 @@ pub fn all(scenarios: &[Scenario], tools: &Tools, profile: &Profile) -> Vec<Scen
             }
             stopped
         });
+        if counted && live.runs(LoadKind::Crr) {
+            if let Some(counted) = live.instructions(tools) {
+                let what = match (counted.per_connection, &counted.error) {
+                    (Some(per), _) => format!(
+                        "{per:.0} user-space instructions per connection ({} connections)",
+                        counted.connections
+                    ),
+                    (None, Some(e)) => format!("not counted: {e}"),
+                    (None, None) => "not counted: no connection completed".into(),
+                };
+                progress(&live.name, "crr instructions", &what);
+                result.loads.crr_instructions = Some(counted);
+            }
+        }
     }
     results
 }
@@ -524,6 +545,10 @@ fn syscall_pass(lives: &[Live], results: &mut [ScenarioResult], tools: &Tools, p
 /// The longest syscall-counting pass: the count per connection settles
 /// within a few thousand connections.
 pub const SYSCALL_PASS: Duration = Duration::from_secs(2);
+/// Under callgrind sluice is some 50 times slower: a few hundred
+/// connections, after a few dozen to warm it.
+const INSTRUCTIONS_WARMUP: Duration = Duration::from_millis(500);
+const INSTRUCTIONS_PASS: Duration = Duration::from_secs(2);
 
 /// Rounds of one timed load, the scenarios taking turns; the rounds of each
 /// scenario are merged and handed to `store`.
@@ -905,6 +930,60 @@ impl<'a> Live<'a> {
     ) -> Option<Syscalls> {
         let pid = self.proxy.as_ref().and_then(Proxy::pid)?;
         Some(perf::count_syscalls(perf, pid, || load(self)))
+    }
+
+    /// sluice started again under callgrind, for a CRR pass of one client
+    /// after a warm-up; None for other interceptors. Its interceptor must
+    /// be stopped first (it holds the port and the rules).
+    fn instructions(&self, tools: &Tools) -> Option<Instructions> {
+        let Interceptor::Sluice { .. } = self.scenario.interceptor else {
+            return None;
+        };
+        let failed = |e: anyhow::Error| Instructions {
+            connections: 0,
+            instructions: None,
+            per_connection: None,
+            error: Some(format!("{e:#}")),
+        };
+        let Some(callgrind) = &tools.callgrind else {
+            return Some(failed(anyhow!(
+                "valgrind is not installed (make bench-deps installs it)"
+            )));
+        };
+        let dir = tools
+            .scratch
+            .join(format!("sl-callgrind-{}-{}", std::process::id(), self.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return Some(failed(
+                anyhow!(e).context(format!("creating {}", dir.display())),
+            ));
+        }
+        let (pod, client) = (&self.topology.pod, &self.topology.client);
+        let prefix = callgrind.prefix(&dir);
+        let proxy =
+            match Proxy::start_under(&prefix, &self.scenario, tools, pod, client, &self.workload) {
+                Ok(Some(proxy)) => proxy,
+                Ok(None) => return None,
+                Err(e) => return Some(failed(e.context("starting sluice under valgrind"))),
+            };
+        let Some(pid) = proxy.pid() else {
+            return Some(failed(anyhow!("sluice under valgrind stopped")));
+        };
+        let one_client = |duration| crr::Params {
+            clients: 1,
+            duration,
+        };
+        // The first connections fill pools and caches the rest reuse.
+        let counted = match crr::run(client, self.target, one_client(INSTRUCTIONS_WARMUP)) {
+            Err(e) => failed(e.context("warm-up")),
+            Ok(_) => callgrind.count(pid, &dir, || {
+                Ok(crr::run(client, self.target, one_client(INSTRUCTIONS_PASS))?.completed)
+            }),
+        };
+        proxy.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(counted)
     }
 
     fn bypass_note(&self, peers: Peers) -> String {

@@ -230,6 +230,9 @@ pub struct Tools {
     pub max_connections: usize,
     /// perf, for the interceptors' syscall counts (None: not installed).
     pub perf: Option<PathBuf>,
+    /// valgrind, for sluice's instructions per connection (None: not
+    /// installed).
+    pub callgrind: Option<crate::callgrind::Callgrind>,
     pub scratch: PathBuf,
     pub patience: Patience,
     /// redis-server and redis-benchmark, when the run has the redis load.
@@ -350,11 +353,28 @@ impl Proxy {
         client: &Netns,
         workload: &Workload,
     ) -> Result<Option<Proxy>> {
+        Proxy::start_under(&[], scenario, tools, pod, client, workload)
+    }
+
+    /// As [`Proxy::start`], with sluice's command line after `prefix`
+    /// (e.g. valgrind's; the process stays the one whose pid is measured).
+    pub fn start_under(
+        prefix: &[String],
+        scenario: &Scenario,
+        tools: &Tools,
+        pod: &Netns,
+        client: &Netns,
+        workload: &Workload,
+    ) -> Result<Option<Proxy>> {
         let proxy = match &scenario.interceptor {
             Interceptor::None => None,
-            Interceptor::Sluice { args } => {
-                Some(start_sluice(args, &scenario.ports(tools), tools, pod)?)
-            }
+            Interceptor::Sluice { args } => Some(start_sluice(
+                prefix,
+                args,
+                &scenario.ports(tools),
+                tools,
+                pod,
+            )?),
             Interceptor::Haproxy => Some(start_haproxy(scenario, tools, pod)?),
         };
         let target = SocketAddr::from((netlab::ClientPod::POD_V4, PORT));
@@ -521,8 +541,21 @@ fn spawn_logged(
     ))
 }
 
-fn start_sluice(args: &[String], ports: &str, tools: &Tools, pod: &Netns) -> Result<Proxy> {
-    let mut command = Command::new(&tools.sluice);
+fn start_sluice(
+    prefix: &[String],
+    args: &[String],
+    ports: &str,
+    tools: &Tools,
+    pod: &Netns,
+) -> Result<Proxy> {
+    let mut command = match prefix.split_first() {
+        Some((program, prefix)) => {
+            let mut command = Command::new(program);
+            command.args(prefix).arg(&tools.sluice);
+            command
+        }
+        None => Command::new(&tools.sluice),
+    };
     command
         .arg("run")
         .args(args)

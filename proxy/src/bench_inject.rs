@@ -2,26 +2,29 @@
 //! regression check must fail on them. Built only with the cargo feature
 //! `bench-inject`; a release build has no trace of it.
 //!
-//! `SLUICE_BENCH_INJECT_SPIN_US`: that many microseconds of CPU burnt per
-//! connection (on the vDSO clock, so no syscall); `SLUICE_BENCH_INJECT_SYSCALL=1`:
+//! `SLUICE_BENCH_INJECT_WORK=N`: N rounds of dependent integer arithmetic
+//! per connection, the shape of a real regression (more code on the
+//! connection path): it costs the same instructions whatever the machine's
+//! speed, so the check's instruction count sees it exactly, and its time
+//! varies with the machine as real code does. `SLUICE_BENCH_INJECT_SYSCALL=1`:
 //! one redundant `getsockopt(SO_RCVBUF)` per connection.
 
+use std::hint::black_box;
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 struct Injected {
-    spin: Duration,
+    work: u64,
     syscall: bool,
 }
 
 fn injected() -> &'static Injected {
     static INJECTED: OnceLock<Injected> = OnceLock::new();
     INJECTED.get_or_init(|| Injected {
-        spin: std::env::var("SLUICE_BENCH_INJECT_SPIN_US")
+        work: std::env::var("SLUICE_BENCH_INJECT_WORK")
             .ok()
-            .and_then(|us| us.parse().ok())
-            .map_or(Duration::ZERO, Duration::from_micros),
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
         syscall: std::env::var("SLUICE_BENCH_INJECT_SYSCALL").as_deref() == Ok("1"),
     })
 }
@@ -29,12 +32,13 @@ fn injected() -> &'static Injected {
 /// Called once per accepted connection.
 pub fn per_connection(socket: &impl AsRawFd) {
     let injected = injected();
-    if !injected.spin.is_zero() {
-        let started = Instant::now();
-        while started.elapsed() < injected.spin {
-            std::hint::spin_loop();
-        }
+    let mut x = black_box(1u64);
+    for _ in 0..injected.work {
+        // A multiply-add chain: each round waits for the last, so the
+        // compiler cannot fold it and the CPU cannot overlap it.
+        x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
     }
+    black_box(x);
     if injected.syscall {
         let _ = crate::linux::receive_buffer(socket);
     }
