@@ -52,6 +52,22 @@ pub enum Command {
     },
     /// Run the proxy: accept intercepted connections and forward them to the workload.
     Run(RunArgs),
+    /// Istio's capture from Istio's init-container flags (a drop-in for
+    /// `pilot-agent istio-iptables`; also run as `istio-iptables`).
+    #[command(name = "istio-iptables")]
+    IstioIptables(crate::istio::IstioArgs),
+}
+
+/// The command line when the binary is invoked as `istio-iptables`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "istio-iptables",
+    version,
+    about = "Istio's capture through sluice's engine (sluice istio-iptables)"
+)]
+pub struct IstioCli {
+    #[command(flatten)]
+    pub args: crate::istio::IstioArgs,
 }
 
 #[derive(Debug, Subcommand)]

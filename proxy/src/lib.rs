@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod config;
 pub mod forward;
 pub mod intercept;
+pub mod istio;
 pub mod lifecycle;
 pub mod linux;
 pub mod listener;

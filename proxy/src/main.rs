@@ -4,7 +4,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sluice::admin::{AdminOptions, LogControl};
-use sluice::config::{Cli, Command, LogFormat, Mode, RulesAction, RunArgs, UpstreamSource};
+use sluice::config::{
+    Cli, Command, IstioCli, LogFormat, Mode, RulesAction, RunArgs, UpstreamSource,
+};
 use sluice::intercept::ebpf;
 use sluice::intercept::Plan;
 use sluice::server::{self, RunOptions};
@@ -14,7 +16,19 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer};
 
 fn main() -> ExitCode {
+    // Istio's init container runs `istio-iptables` (or `pilot-agent
+    // istio-iptables`): a link or copy of sluice by that name takes its flags.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if invoked_as.as_deref() == Some("istio-iptables") {
+        return istio_iptables(IstioCli::parse().args);
+    }
     let cli = Cli::parse();
+    if let Command::IstioIptables(args) = cli.command {
+        return istio_iptables(args);
+    }
     let log = match init_logging(cli.log_level.as_deref(), cli.log_format) {
         Ok(log) => log,
         Err(error) => {
@@ -72,12 +86,43 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<LogCon
     }))
 }
 
+/// `sluice istio-iptables`: Istio's flags and env vars, resolved; the log
+/// set by Istio's logging flags; the capture installed.
+fn istio_iptables(args: sluice::istio::IstioArgs) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let outcome = args
+        .resolve(&env)
+        .map_err(anyhow::Error::from)
+        .and_then(|resolved| {
+            let format = if resolved.log_json {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            };
+            init_logging(resolved.log_level.as_deref(), format)?;
+            sluice::privileges::activate()
+                .context("raising the capabilities sluice is permitted")?;
+            sluice::istio::execute(&resolved).context("sluice istio-iptables")
+        });
+    match outcome {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sluice istio-iptables: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn execute(command: Command, log: LogControl) -> anyhow::Result<ExitCode> {
     // Before anything that needs them; a non-root sluice may start with its
     // capabilities permitted only (file capabilities).
     sluice::privileges::activate().context("raising the capabilities sluice is permitted")?;
     match command {
         Command::Rules { action } => rules(action),
+        Command::IstioIptables(_) => unreachable!("dispatched in main, before logging is set up"),
         Command::Run(args) => {
             let dry_run = args.dry_run;
             let options = run_options(args, log)?;

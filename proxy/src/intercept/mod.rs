@@ -121,8 +121,14 @@ impl Plan {
         preflight(!self.rule_sets.is_empty())?;
         let mut installed = Installed::default();
         for set in &self.rule_sets {
-            // One mode at a time: another mode's chains would intercept first.
-            for table in TABLES.into_iter().filter(|t| *t != set.table) {
+            // One mode at a time: another mode's chains would intercept
+            // first, so every table this plan leaves empty is emptied.
+            let planned = |table: &&str| {
+                self.rule_sets
+                    .iter()
+                    .any(|s| s.family == set.family && s.table == *table)
+            };
+            for table in TABLES.iter().filter(|t| !planned(t)) {
                 installed.set_rules(&RuleSet::new(set.family, table))?;
             }
             installed.set_rules(set)?;

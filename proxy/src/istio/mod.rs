@@ -1,0 +1,114 @@
+//! `sluice istio-iptables`: a drop-in for Istio's init container
+//! (`pilot-agent istio-iptables`, also run as `istio-iptables`), which
+//! takes the injector's flags and env vars and installs the capture through
+//! sluice's engine: one transaction per family, idempotent, drift shown by
+//! `-n` beside `sluice rules show`, removed exactly by `--cleanup-only`.
+//!
+//! What is implemented, and what is refused by name, is in `flags.rs`; the
+//! rules, in `capture.rs`.
+
+pub mod capture;
+pub mod flags;
+
+use std::net::IpAddr;
+
+use crate::config::Mode;
+use crate::intercept::rules::Family;
+use crate::intercept::{self, Plan};
+pub use flags::{Action, IstioArgs, Resolved};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Flags(#[from] flags::FlagError),
+    #[error("no usable local IP address (neither loopback nor link-local) in this network namespace: run sluice istio-iptables inside the pod's namespace")]
+    NoAddress,
+    #[error("reading this namespace's addresses")]
+    Addresses(#[source] nix::Error),
+    #[error(transparent)]
+    Intercept(#[from] intercept::Error),
+}
+
+/// The plan of `capture` for this namespace: IPv4, and IPv6 when Istio
+/// would enable it (see [`ipv6_wanted`]).
+pub fn plan(capture: &flags::Capture) -> Result<Plan, Error> {
+    let ipv6 = ipv6_wanted(capture.dual_stack)?;
+    Ok(plan_for(capture, ipv6))
+}
+
+pub fn plan_for(capture: &flags::Capture, ipv6: bool) -> Plan {
+    let families: &[Family] = if ipv6 { &Family::BOTH } else { &[Family::V4] };
+    Plan {
+        mode: Mode::Redirect,
+        rule_sets: families
+            .iter()
+            .flat_map(|&family| capture::rule_sets(capture, family))
+            .collect(),
+        // REDIRECT needs no policy routing.
+        route: None,
+        ipv6,
+    }
+}
+
+/// What `sluice istio-iptables` does with the resolved flags; the text to
+/// print on success.
+pub fn execute(resolved: &Resolved) -> Result<String, Error> {
+    let plan = plan(&resolved.capture)?;
+    match resolved.action {
+        Action::SkipRuleApply => Ok("--skip-rule-apply: nothing changed\n".into()),
+        Action::DryRun => Ok(plan.dry_run()),
+        Action::CleanupOnly => {
+            plan.remove()?;
+            Ok("removed\n".into())
+        }
+        Action::Install => {
+            if plan.show()?.matches() {
+                return Ok("already installed, matches the flags: nothing changed\n".into());
+            }
+            // It outlives this process, as the init container's rules do.
+            plan.install()?.keep();
+            Ok("installed\n".into())
+        }
+    }
+}
+
+/// Istio's rule (`getLocalIP`): IPv6 is captured when the first address
+/// that is neither loopback nor link-local is IPv6 (IPv4 addresses come
+/// first in the kernel's dump, so a dual-stack pod counts as IPv4), or,
+/// with `--dual-stack`, when there is any such IPv6 address. Without one
+/// at all, Istio's tool fails, and so does this.
+pub fn ipv6_wanted(dual_stack: bool) -> Result<bool, Error> {
+    let mut v4 = false;
+    let mut v6 = false;
+    for address in nix::ifaddrs::getifaddrs().map_err(Error::Addresses)? {
+        let Some(address) = address.address else {
+            continue;
+        };
+        let ip = if let Some(a) = address.as_sockaddr_in() {
+            IpAddr::V4(a.ip())
+        } else if let Some(a) = address.as_sockaddr_in6() {
+            IpAddr::V6(a.ip())
+        } else {
+            continue;
+        };
+        if usable(ip) {
+            v4 |= ip.is_ipv4();
+            v6 |= ip.is_ipv6();
+        }
+    }
+    match (v4, v6) {
+        (false, false) => Err(Error::NoAddress),
+        (_, true) if dual_stack || !v4 => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+fn usable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            !v6.is_loopback() && !link_local && !v6.is_multicast()
+        }
+    }
+}
