@@ -55,7 +55,7 @@ pub enum Command {
     /// Istio's capture from Istio's init-container flags (a drop-in for
     /// `pilot-agent istio-iptables`; also run as `istio-iptables`).
     #[command(name = "istio-iptables")]
-    IstioIptables(crate::istio::IstioArgs),
+    IstioIptables(Box<crate::istio::IstioArgs>),
 }
 
 /// The command line when the binary is invoked as `istio-iptables`.

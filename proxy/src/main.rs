@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     if let Command::IstioIptables(args) = cli.command {
-        return istio_iptables(args);
+        return istio_iptables(*args);
     }
     let log = match init_logging(cli.log_level.as_deref(), cli.log_format) {
         Ok(log) => log,

@@ -274,7 +274,7 @@ impl IstioArgs {
                 return Ok(Vec::new());
             };
             split(&g.value)
-                .map(|p| parse_port(p))
+                .map(parse_port)
                 .collect::<Option<Vec<u16>>>()
                 .ok_or(FlagError::Invalid {
                     flag,

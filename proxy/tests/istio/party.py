@@ -1,0 +1,102 @@
+"""A party to a connection in the Istio conformance test (istio_iptables.rs),
+run as any uid with setpriv.
+
+  serve LABEL PORT...   listen on 0.0.0.0 and [::] (TCP and UDP) on each PORT;
+                        print "ready"; answer each TCP connection, or UDP
+                        datagram, with one line: LABEL LOCALPORT ORIG PEER, where
+                        ORIG is SO_ORIGINAL_DST where a REDIRECT rewrote the
+                        destination, else "-"
+  ask SRC DST PORT      connect over TCP (from SRC unless "-") and print the line
+  ask-udp DST PORT      the same over UDP
+"""
+import socket
+import struct
+import sys
+import threading
+
+SO_ORIGINAL_DST = 80
+
+
+def original_dst(conn, family):
+    try:
+        if family == socket.AF_INET:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, = struct.unpack("!H", raw[2:4])
+            return "%s:%d" % (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, = struct.unpack("!H", raw[2:4])
+        return "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port)
+    except OSError:
+        return "-"
+
+
+def endpoint(addr, family):
+    return ("%s:%d" if family == socket.AF_INET else "[%s]:%d") % (addr[0], addr[1])
+
+
+def tcp(label, family, port):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
+    s.listen(64)
+
+    def loop():
+        while True:
+            conn, peer = s.accept()
+            orig = original_dst(conn, family)
+            # conntrack reports every tracked connection's destination;
+            # only a rewritten one (REDIRECT) differs from where it landed.
+            if orig == endpoint(conn.getsockname(), family):
+                orig = "-"
+            line = "%s %d %s %s\n" % (label, port, orig, endpoint(peer, family))
+            conn.sendall(line.encode())
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def udp(label, family, port):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
+
+    def loop():
+        while True:
+            _, peer = s.recvfrom(100)
+            s.sendto(("%s %d - %s\n" % (label, port, endpoint(peer, family))).encode(), peer)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "serve":
+        label = sys.argv[2]
+        for port in map(int, sys.argv[3:]):
+            for family in (socket.AF_INET, socket.AF_INET6):
+                tcp(label, family, port)
+                udp(label, family, port)
+        print("ready", flush=True)
+        threading.Event().wait()
+    elif mode == "ask":
+        src, dst, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(5)
+        if src != "-":
+            s.bind((src, 0))
+        s.connect((dst, port))
+        print(s.makefile().readline().strip())
+    elif mode == "ask-udp":
+        dst, port = sys.argv[2], int(sys.argv[3])
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(b"?", (dst, port))
+        print(s.recvfrom(200)[0].decode().strip())
+
+
+main()
