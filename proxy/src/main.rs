@@ -111,7 +111,14 @@ fn istio_iptables(args: sluice::istio::IstioArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("sluice istio-iptables: {error:#}");
-            ExitCode::FAILURE
+            let validation = error
+                .downcast_ref::<sluice::istio::Error>()
+                .is_some_and(|e| matches!(e, sluice::istio::Error::Validation(_)));
+            if validation {
+                ExitCode::from(sluice::istio::validation::FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

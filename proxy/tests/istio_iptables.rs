@@ -403,3 +403,54 @@ fn an_unsupported_flag_is_refused_by_name_and_nothing_is_installed() {
     assert!(err.contains("--redirect-dns"), "{err}");
     assert!(!saved(&l.pod).contains("SLUICE"));
 }
+
+/// `--run-validation` as a uid, in `ns`: the exit code.
+fn validation(ns: &Netns, uid: u32) -> (Option<i32>, String) {
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ])
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "istio-iptables",
+            "--run-validation",
+            "--skip-rule-apply",
+            "--probe-timeout=3s",
+        ]);
+    let out = ns
+        .output(&mut command)
+        .expect("run sluice istio-iptables --run-validation");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_validation_passes_with_the_capture_as_the_proxy_uid_and_exits_126_otherwise() {
+    let l = ClientPod::new("ist-valid").expect("client ⇄ pod");
+    let out = istio_iptables(&l.pod, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, err) = validation(&l.pod, MESH_UID);
+    assert_eq!(code, Some(0), "{err}");
+    // Another uid's connections over lo are not redirected, as in Istio.
+    let (code, err) = validation(&l.pod, APP_UID);
+    assert_eq!(code, Some(126), "{err}");
+    assert!(err.contains("validation"), "{err}");
+
+    let out = istio_iptables(&l.pod, &["--cleanup-only"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, err) = validation(&l.pod, MESH_UID);
+    assert_eq!(code, Some(126), "{err}");
+}

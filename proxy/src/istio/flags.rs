@@ -11,6 +11,7 @@
 //! is refused by name, on the command line and in the environment.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
@@ -97,13 +98,19 @@ pub struct IstioArgs {
     #[arg(long = "log_as_json", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     log_as_json: Option<String>,
 
-    // Refused (see REFUSED): declared so the error can say why.
-    #[arg(long = "run-validation", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// Check that the capture redirects, as the proxy's uid; exit 126 if
+    /// not [env RUN_VALIDATION].
+    #[arg(long = "run-validation", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     run_validation: Option<String>,
-    #[arg(long = "iptables-probe-port", hide = true)]
+    /// The validation's original destination port [env IPTABLES_PROBE_PORT].
+    #[arg(long = "iptables-probe-port")]
     iptables_probe_port: Option<String>,
-    #[arg(long = "probe-timeout", hide = true)]
+    /// How long the validation tries, as Go writes it: 5s, 500ms, 1m
+    /// [env PROBE_TIMEOUT].
+    #[arg(long = "probe-timeout")]
     probe_timeout: Option<String>,
+
+    // Refused (see REFUSED): declared so the error can say why.
     #[arg(long = "redirect-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     redirect_dns: Option<String>,
     #[arg(long = "capture-all-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -122,14 +129,23 @@ pub struct IstioArgs {
 /// a value flag, to anything) on the command line or in the env var, each
 /// is an error that names it.
 const REFUSED: &[(&str, &str)] = &[
-    ("run-validation", "not implemented yet; `sluice rules show`-style checking is `sluice istio-iptables -n` beside what is installed"),
-    ("iptables-probe-port", "belongs to --run-validation, not implemented yet"),
-    ("probe-timeout", "belongs to --run-validation, not implemented yet"),
-    ("redirect-dns", "DNS capture is not implemented yet; leave it off (ISTIO_META_DNS_CAPTURE=false)"),
+    (
+        "redirect-dns",
+        "DNS capture is not implemented yet; leave it off (ISTIO_META_DNS_CAPTURE=false)",
+    ),
     ("capture-all-dns", "DNS capture is not implemented yet"),
-    ("network-namespace", "run sluice inside the pod's namespace instead (nsenter --net=PATH)"),
-    ("cni-mode", "sluice runs as the init container, not from the CNI plugin"),
-    ("native-nftables", "sluice writes iptables rules (iptables-nft or legacy, whichever the image has)"),
+    (
+        "network-namespace",
+        "run sluice inside the pod's namespace instead (nsenter --net=PATH)",
+    ),
+    (
+        "cni-mode",
+        "sluice runs as the init container, not from the CNI plugin",
+    ),
+    (
+        "native-nftables",
+        "sluice writes iptables rules (iptables-nft or legacy, whichever the image has)",
+    ),
     ("force-iptables-binary", "sluice uses the iptables on PATH"),
 ];
 
@@ -209,11 +225,19 @@ pub enum Action {
     SkipRuleApply,
 }
 
+/// `--run-validation`'s probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validation {
+    pub probe_port: u16,
+    pub timeout: Duration,
+}
+
 /// The resolved command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub capture: Capture,
     pub action: Action,
+    pub validation: Option<Validation>,
     /// `--log_output_level`'s scope:level pairs, as a sluice log filter.
     pub log_level: Option<String>,
     pub log_json: bool,
@@ -444,9 +468,27 @@ impl IstioArgs {
         } else {
             Action::Install
         };
+        let validation = if boolean("run-validation", &self.run_validation, &[])? {
+            let timeout = match given("probe-timeout", &self.probe_timeout, &[]) {
+                None => Duration::from_secs(5),
+                Some(g) => parse_go_duration(&g.value).ok_or(FlagError::Invalid {
+                    flag: "probe-timeout",
+                    source_: g.source,
+                    value: g.value,
+                    what: "a duration such as 5s, 500ms or 1m",
+                })?,
+            };
+            Some(Validation {
+                probe_port: port("iptables-probe-port", &self.iptables_probe_port, 15002)?,
+                timeout,
+            })
+        } else {
+            None
+        };
         Ok(Resolved {
             capture,
             action,
+            validation,
             log_level: self.log_output_level.as_deref().map(log_filter),
             log_json: self
                 .log_as_json
@@ -457,9 +499,6 @@ impl IstioArgs {
 
     fn refused_value(&self, flag: &str) -> Option<String> {
         match flag {
-            "run-validation" => &self.run_validation,
-            "iptables-probe-port" => &self.iptables_probe_port,
-            "probe-timeout" => &self.probe_timeout,
             "redirect-dns" => &self.redirect_dns,
             "capture-all-dns" => &self.capture_all_dns,
             "network-namespace" => &self.network_namespace,
@@ -491,6 +530,36 @@ fn split(text: &str) -> impl Iterator<Item = &str> {
 
 fn parse_port(text: &str) -> Option<u16> {
     text.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// A Go duration (time.ParseDuration): a sequence of decimal numbers, each
+/// with a unit (ns, us, µs, ms, s, m, h), e.g. 1m30s or 1.5s.
+fn parse_go_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let number: f64 = rest[..number_end].parse().ok()?;
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        seconds += number * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// Go's strconv.ParseBool.
@@ -705,6 +774,23 @@ mod tests {
         let err =
             resolve(&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")]).unwrap_err();
         assert!(matches!(err, FlagError::Loopback(_)), "{err}");
+    }
+
+    #[test]
+    fn validation_takes_istios_defaults_and_go_durations() {
+        let r = resolve(&["--run-validation"], &[]).unwrap();
+        let v = r.validation.unwrap();
+        assert_eq!((v.probe_port, v.timeout), (15002, Duration::from_secs(5)));
+        let r = resolve(
+            &[],
+            &[("RUN_VALIDATION", "true"), ("PROBE_TIMEOUT", "1m30s")],
+        )
+        .unwrap();
+        assert_eq!(r.validation.unwrap().timeout, Duration::from_secs(90));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("5"), None);
+        assert!(resolve(&["--run-validation", "--probe-timeout", "soon"], &[]).is_err());
+        assert_eq!(resolve(&[], &[]).unwrap().validation, None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod flags;
+pub mod validation;
 
 use std::net::IpAddr;
 
@@ -27,6 +28,9 @@ pub enum Error {
     Addresses(#[source] nix::Error),
     #[error(transparent)]
     Intercept(#[from] intercept::Error),
+    /// Istio's tool exits [`validation::FAILED`] on this.
+    #[error("iptables validation failed; workload is not ready for the mesh")]
+    Validation(#[from] validation::Error),
 }
 
 /// The plan of `capture` for this namespace: IPv4, and IPv6 when Istio
@@ -54,7 +58,24 @@ pub fn plan_for(capture: &flags::Capture, ipv6: bool) -> Plan {
 /// print on success.
 pub fn execute(resolved: &Resolved) -> Result<String, Error> {
     let plan = plan(&resolved.capture)?;
-    match resolved.action {
+    let mut said = apply(resolved.action, &plan)?;
+    if let Some(v) = resolved.validation {
+        let c = &resolved.capture;
+        // Istio listens on IPv6 loopback when the pod's address is IPv6.
+        let ipv6 = ipv6_wanted(false)?;
+        validation::validate(
+            [c.envoy_port, c.inbound_port],
+            v.probe_port,
+            ipv6,
+            v.timeout,
+        )?;
+        said += "validation passed, iptables rules established\n";
+    }
+    Ok(said)
+}
+
+fn apply(action: Action, plan: &Plan) -> Result<String, Error> {
+    match action {
         Action::SkipRuleApply => Ok("--skip-rule-apply: nothing changed\n".into()),
         Action::DryRun => Ok(plan.dry_run()),
         Action::CleanupOnly => {
