@@ -49,10 +49,19 @@ fn party() -> String {
 }
 
 fn as_uid(uid: u32) -> Command {
+    as_uid_with(uid, &[])
+}
+
+/// A party as `uid`, with `caps` (e.g. "net_admin") ambient.
+fn as_uid_with(uid: u32, caps: &[&str]) -> Command {
     let mut command = Command::new("setpriv");
+    command.args([&format!("--reuid={uid}"), &format!("--regid={uid}")]);
+    if !caps.is_empty() {
+        let plus: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+        command.arg(format!("--inh-caps={}", plus.join(",")));
+        command.arg(format!("--ambient-caps={}", plus.join(",")));
+    }
     command.args([
-        &format!("--reuid={uid}"),
-        &format!("--regid={uid}"),
         "--clear-groups",
         // Debian's (make deps installs it): a python3 found on root's PATH
         // may live where another uid cannot read.
@@ -68,9 +77,13 @@ fn serve(ns: &Netns, uid: u32, label: &str, ports: &[u16]) -> Proc {
     command
         .arg("serve")
         .arg(label)
-        .args(ports.iter().map(u16::to_string))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .args(ports.iter().map(u16::to_string));
+    start(ns, command, label)
+}
+
+/// Starts a party's command, once it says it listens.
+fn start(ns: &Netns, mut command: Command, label: &str) -> Proc {
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut proc = ns
         .spawn(&mut command)
         .expect("start a party (python3, setpriv)");
@@ -453,4 +466,96 @@ fn run_validation_passes_with_the_capture_as_the_proxy_uid_and_exits_126_otherwi
     );
     let (code, err) = validation(&l.pod, MESH_UID);
     assert_eq!(code, Some(126), "{err}");
+}
+
+/// `-m TPROXY`: the client's connection reaches the mesh proxy, whose own
+/// connection to the app, from the client's address, shows the app the
+/// client's address; with the outbound capture's nat rules in place (so
+/// the kernel tracks the namespace's connections), inbound connections
+/// still make no conntrack entry; outbound capture still works.
+#[test]
+fn tproxy_mode_shows_the_app_the_client_with_no_conntrack_entry() {
+    let lab = ClientPod::new("ist-tpx").expect("client ⇄ pod");
+    let mut mesh = as_uid_with(MESH_UID, &["net_admin", "net_raw"]);
+    mesh.args(["mesh-tproxy", "1337"]);
+    let parties = vec![
+        start(&lab.pod, mesh, "mesh"),
+        serve(
+            &lab.pod,
+            APP_UID,
+            "workload",
+            &[APP_PORT, 15008, 15020, 15021, 15090],
+        ),
+        serve(&lab.client, 0, "server", &[SERVER_PORT]),
+    ];
+    let out = common::sluice_cli(
+        &lab.pod,
+        &[
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "TPROXY",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+            "--dual-stack",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let before = common::conntrack_count(&lab.pod);
+    for [pod, client, ..] in [v4(), v6()] {
+        for _ in 0..5 {
+            let answer = ask(&lab.client, 0, None, SocketAddr::new(pod, APP_PORT));
+            let app = SocketAddr::new(pod, APP_PORT);
+            // The app's answer ends with its peer: the client's address.
+            let expected = format!("mesh 15006 {app} | workload 8080 - ");
+            assert!(answer.starts_with(&expected), "{answer}");
+            let peer: SocketAddr = answer
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .expect("the app's peer");
+            assert_eq!(peer.ip(), client, "{answer}");
+        }
+    }
+    assert_eq!(
+        common::conntrack_count(&lab.pod),
+        before,
+        "conntrack entries of inbound connections"
+    );
+
+    // Excluded ports pass untouched (and tracked, as everything is in
+    // Istio's rules: the app's replies must meet the nat rules as replies).
+    for [pod, ..] in [v4(), v6()] {
+        let answer = ask(&lab.client, 0, None, SocketAddr::new(pod, 15021));
+        assert!(answer.starts_with("workload 15021 -"), "{answer}");
+    }
+    let [_, client, ..] = v4();
+    let answer = ask(
+        &lab.pod,
+        APP_UID,
+        None,
+        SocketAddr::new(client, SERVER_PORT),
+    );
+    assert!(
+        answer.starts_with(&format!("mesh 15001 {client}:{SERVER_PORT}")),
+        "{answer}"
+    );
+    drop(parties);
 }

@@ -18,8 +18,9 @@ use crate::routing::{self, BypassSource, PolicyRoute, Presence, RoutingState, PR
 pub use installed::Installed;
 use rules::{Family, RuleSet};
 
-/// Every netfilter table any mode puts chains in.
-const TABLES: [&str; 2] = ["mangle", "nat"];
+/// Every netfilter table any mode puts chains in (raw: `istio-iptables
+/// -m TPROXY`'s NOTRACK rules).
+const TABLES: [&str; 3] = ["mangle", "nat", "raw"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -25,7 +25,7 @@
 //! ```
 
 use crate::intercept::rules::{Family, RuleSet};
-use crate::istio::flags::{is_v4, Capture, InboundPorts, Outbound, OwnerGroups};
+use crate::istio::flags::{is_v4, Capture, InboundPorts, Outbound, OwnerGroups, Tproxy};
 
 const PREROUTING: &str = "SLUICE_PREROUTING";
 const OUTPUT: &str = "SLUICE_OUTPUT";
@@ -33,18 +33,127 @@ const INBOUND: &str = "SLUICE_INBOUND";
 const REDIRECT: &str = "SLUICE_REDIRECT";
 const IN_REDIRECT: &str = "SLUICE_IN_REDIRECT";
 const DROP_INVALID: &str = "SLUICE_DROP_INVALID";
+const TPROXY: &str = "SLUICE_TPROXY";
+const NOTRACK_IN: &str = "SLUICE_NOTRACK_IN";
+const NOTRACK_OUT: &str = "SLUICE_NOTRACK_OUT";
 
 /// The rule sets of one family, in `iptables-save`'s canonical form (so
 /// that what is installed compares line by line with what is asked).
 pub fn rule_sets(capture: &Capture, family: Family) -> Vec<RuleSet> {
     let mut sets = vec![nat(capture, family)];
+    let mut mangle = RuleSet::new(family, "mangle");
     if capture.drop_invalid {
-        let mut mangle = RuleSet::new(family, "mangle");
         mangle.push("PREROUTING", format!("-j {DROP_INVALID}"));
         mangle.push(DROP_INVALID, "-m conntrack --ctstate INVALID -j DROP");
+    }
+    if let Some(tproxy) = capture.tproxy {
+        inbound_tproxy(&mut mangle, capture, tproxy, family);
+        sets.push(notrack(capture, tproxy, family));
+    }
+    if !mangle.is_empty() {
         sets.push(mangle);
     }
     sets
+}
+
+/// `-m TPROXY`, sluice's recipe instead of Istio's CONNMARK: SYNs to the
+/// pod's addresses on captured ports go to the mesh proxy's transparent
+/// listener on `-z`; the rest of each connection finds the proxy's socket
+/// by the ordinary lookup, so no conntrack state is needed. The SYN is
+/// marked [`accepted_mark`], which the accepted socket takes
+/// (`tcp_fwmark_accept`), so that every packet it sends, to its last ACK
+/// from TIME_WAIT, can be told from the app's own in the raw table.
+/// The proxy connects to the app from the client's address with mark `-t`
+/// (Envoy's `original_src`), and the policy route of that mark brings the
+/// app's replies back to it (`routing.rs`, as for `sluice run --mode
+/// tproxy`).
+fn inbound_tproxy(mangle: &mut RuleSet, c: &Capture, tproxy: Tproxy, family: Family) {
+    let any = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    mangle.push("PREROUTING", format!("-p tcp -j {TPROXY}"));
+    // The pod's own connections over lo are the nat rules' (the hairpin).
+    mangle.push(TPROXY, "-i lo -j RETURN");
+    for interface in &c.exclude_interfaces {
+        mangle.push(TPROXY, format!("-i {interface} -j RETURN"));
+    }
+    let target = format!(
+        "-j TPROXY --on-port {} --on-ip {any} --tproxy-mark {:#x}/0xffffffff",
+        c.inbound_port,
+        accepted_mark(tproxy)
+    );
+    push_syn_matches(mangle, TPROXY, c, &target);
+}
+
+/// The mark of the mesh proxy's accepted sockets: `-t` + 1. Not `-t`
+/// itself, whose policy route would send their answers to the client into
+/// the local table; no route takes this one, so they leave by the main
+/// table.
+pub fn accepted_mark(tproxy: Tproxy) -> u32 {
+    tproxy.mark + 1
+}
+
+/// With the outbound capture's nat rules, the kernel tracks every
+/// connection of the namespace; these keep the inbound ones out of
+/// conntrack. In: the SYNs the TPROXY rule takes (the same matches), the
+/// later packets of the mesh proxy's transparent sockets, and both
+/// directions of its connection to the app over lo (they carry the mark).
+/// Out: the packets of the mesh proxy's accepted sockets and of its
+/// connections to the app, by their marks (an owner match would miss what
+/// a closed socket still sends). Connections to excluded ports stay
+/// tracked: their replies come from the app, whose outbound connections
+/// the nat rules must see whole; so do the mesh proxy's own outbound ones.
+fn notrack(c: &Capture, tproxy: Tproxy, family: Family) -> RuleSet {
+    let mut raw = RuleSet::new(family, "raw");
+    let mark = format!("-m mark --mark {:#x}", tproxy.mark);
+    raw.push("PREROUTING", format!("-j {NOTRACK_IN}"));
+    raw.push(NOTRACK_IN, format!("-i lo {mark} -j CT --notrack"));
+    raw.push(NOTRACK_IN, "-i lo -j RETURN");
+    // -k's traffic is outbound, REDIRECTed in nat PREROUTING.
+    for interface in c.exclude_interfaces.iter().chain(&c.kube_virt_interfaces) {
+        raw.push(NOTRACK_IN, format!("-i {interface} -j RETURN"));
+    }
+    raw.push(NOTRACK_IN, "-p tcp -m socket --transparent -j CT --notrack");
+    push_syn_matches(&mut raw, NOTRACK_IN, c, "-j CT --notrack");
+    raw.push("OUTPUT", format!("-j {NOTRACK_OUT}"));
+    raw.push(NOTRACK_OUT, format!("{mark} -j CT --notrack"));
+    let accepted = format!("-m mark --mark {:#x}", accepted_mark(tproxy));
+    raw.push(NOTRACK_OUT, format!("{accepted} -j CT --notrack"));
+    raw
+}
+
+/// The RETURNs of the tunnel port and `-d`, then `target` for the SYNs to
+/// the pod's addresses on captured ports: the TPROXY rule's matches, which
+/// the NOTRACK rules repeat.
+fn push_syn_matches(set: &mut RuleSet, chain: &str, c: &Capture, target: &str) {
+    set.push(
+        chain,
+        format!("-p tcp -m tcp --dport {} -j RETURN", c.tunnel_port),
+    );
+    let syn = "--tcp-flags FIN,SYN,RST,ACK SYN";
+    match &c.inbound {
+        InboundPorts::None => {}
+        InboundPorts::All { except } => {
+            for port in except {
+                set.push(chain, format!("-p tcp -m tcp --dport {port} -j RETURN"));
+            }
+            set.push(
+                chain,
+                format!("-p tcp -m addrtype --dst-type LOCAL -m tcp {syn} {target}"),
+            );
+        }
+        InboundPorts::List(ports) => {
+            for port in ports {
+                set.push(
+                    chain,
+                    format!(
+                        "-p tcp -m addrtype --dst-type LOCAL -m tcp --dport {port} {syn} {target}"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn nat(c: &Capture, family: Family) -> RuleSet {
@@ -132,6 +241,14 @@ fn nat(c: &Capture, family: Family) -> RuleSet {
     );
 
     set.push("OUTPUT", format!("-j {OUTPUT}"));
+    if let Some(tproxy) = c.tproxy {
+        // The mesh proxy's connections to the app, from the client's
+        // address: not the hairpin below.
+        set.push(
+            OUTPUT,
+            format!("-m mark --mark {:#x} -j RETURN", tproxy.mark),
+        );
+    }
     for interface in &c.exclude_interfaces {
         set.push(OUTPUT, format!("-o {interface} -j RETURN"));
     }

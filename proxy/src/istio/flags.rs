@@ -164,8 +164,6 @@ pub enum FlagError {
         source_: String,
         why: &'static str,
     },
-    #[error("-m {0:?} is not implemented yet by sluice istio-iptables; use -m REDIRECT (Istio's default)")]
-    TproxyNotYet(String),
     #[error("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {0:?} must be an IPv4 loopback CIDR with a prefix of 8 to 32, e.g. 127.0.0.1/32")]
     Loopback(String),
 }
@@ -214,6 +212,17 @@ pub struct Capture {
     pub loopback_v4: IpNet,
     pub drop_invalid: bool,
     pub dual_stack: bool,
+    /// `-m TPROXY`: inbound by sluice's conntrack-free recipe.
+    pub tproxy: Option<Tproxy>,
+}
+
+/// `-t` and `-r`: the mark the mesh proxy puts on its connections to the
+/// app (Envoy's `original_src`), and the table that routes the app's
+/// replies to them back to the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tproxy {
+    pub mark: u32,
+    pub table: u32,
 }
 
 /// What to do with the capture.
@@ -347,11 +356,8 @@ impl IstioArgs {
                 }
             }
         }
-        let mode = text("istio-inbound-interception-mode", &self.mode, "");
         // Istio takes anything but TPROXY as REDIRECT.
-        if mode == "TPROXY" {
-            return Err(FlagError::TproxyNotYet(mode));
-        }
+        let mode = text("istio-inbound-interception-mode", &self.mode, "");
         let uids = match split(&text("proxy-uid", &self.proxy_uid, "")).collect::<Vec<_>>() {
             uids if uids.is_empty() => vec![envoy_uid(env)],
             uids => uids.into_iter().map(String::from).collect(),
@@ -395,7 +401,7 @@ impl IstioArgs {
         } else {
             OwnerGroups::Only(split(&groups).map(String::from).collect())
         };
-        let capture = Capture {
+        let mut capture = Capture {
             envoy_port: port("envoy-port", &self.envoy_port, 15001)?,
             inbound_port: port("inbound-capture-port", &self.inbound_capture_port, 15006)?,
             tunnel_port: port("inbound-tunnel-port", &self.inbound_tunnel_port, 15008)?,
@@ -437,27 +443,57 @@ impl IstioArgs {
             loopback_v4,
             drop_invalid: boolean("drop-invalid", &self.drop_invalid, &["INVALID_DROP"])?,
             dual_stack: boolean("dual-stack", &self.dual_stack, &["ISTIO_DUAL_STACK"])?,
+            tproxy: None,
         };
         // Checked for their values, then nothing more to do: sluice's
         // install converges on the flags whatever is there.
         boolean("reconcile", &self.reconcile, &[])?;
         boolean("force-apply", &self.force_apply, &[])?;
-        // Only on the command line in Istio, where -t and -r matter in TPROXY
-        // mode alone; checked so that a typo is not silently carried.
-        for (flag, cli) in [
-            ("istio-inbound-tproxy-mark", &self.tproxy_mark),
-            ("istio-inbound-tproxy-route-table", &self.tproxy_route_table),
-        ] {
-            if let Some(g) = given(flag, cli, &[]) {
-                if g.value.parse::<u32>().is_err() {
-                    return Err(FlagError::Invalid {
-                        flag,
-                        source_: g.source,
-                        value: g.value,
-                        what: "a number",
-                    });
-                }
+        let number = |flag: &'static str,
+                      cli: &Option<String>,
+                      default: u32,
+                      what: &'static str| {
+            match given(flag, cli, &[]) {
+                None => Ok(default),
+                Some(g) => g.value.parse::<u32>().map_err(|_| FlagError::Invalid {
+                    flag,
+                    source_: g.source,
+                    value: g.value,
+                    what,
+                }),
             }
+        };
+        // Checked in either mode, so that a typo is not silently carried.
+        let mark = number(
+            "istio-inbound-tproxy-mark",
+            &self.tproxy_mark,
+            1337,
+            "a non-zero mark",
+        )?;
+        let table = number(
+            "istio-inbound-tproxy-route-table",
+            &self.tproxy_route_table,
+            133,
+            "a routing table number other than 0, 253, 254, 255",
+        )?;
+        if mode == "TPROXY" {
+            if mark == 0 || mark == u32::MAX {
+                return Err(FlagError::Invalid {
+                    flag: "istio-inbound-tproxy-mark",
+                    source_: "given".into(),
+                    value: mark.to_string(),
+                    what: "a mark from 1 to 4294967294 (0 matches every unmarked packet; the mesh proxy's accepted sockets take the mark + 1)",
+                });
+            }
+            if matches!(table, 0 | 253..=255) {
+                return Err(FlagError::Invalid {
+                    flag: "istio-inbound-tproxy-route-table",
+                    source_: "given".into(),
+                    value: table.to_string(),
+                    what: "a routing table number other than 0, 253, 254, 255",
+                });
+            }
+            capture.tproxy = Some(Tproxy { mark, table });
         }
         let action = if boolean("dry-run", &self.dry_run, &[])? {
             Action::DryRun
@@ -767,10 +803,23 @@ mod tests {
         );
         // Off is no request.
         assert!(resolve(&[], &[("REDIRECT_DNS", "false")]).is_ok());
-        assert!(matches!(
-            resolve(&["-m", "TPROXY"], &[]),
-            Err(FlagError::TproxyNotYet(_))
-        ));
+        let tproxy = resolve(&["-m", "TPROXY", "-t", "7"], &[])
+            .unwrap()
+            .capture
+            .tproxy;
+        assert_eq!(
+            tproxy,
+            Some(Tproxy {
+                mark: 7,
+                table: 133
+            })
+        );
+        // Istio takes anything but exactly TPROXY as REDIRECT.
+        assert_eq!(
+            resolve(&["-m", "tproxy"], &[]).unwrap().capture.tproxy,
+            None
+        );
+        assert!(resolve(&["-m", "TPROXY", "-r", "254"], &[]).is_err());
         let err =
             resolve(&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")]).unwrap_err();
         assert!(matches!(err, FlagError::Loopback(_)), "{err}");

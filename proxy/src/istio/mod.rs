@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use crate::config::Mode;
 use crate::intercept::rules::Family;
 use crate::intercept::{self, Plan};
+use crate::routing::PolicyRoute;
 pub use flags::{Action, IstioArgs, Resolved};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +44,21 @@ pub fn plan(capture: &flags::Capture) -> Result<Plan, Error> {
 pub fn plan_for(capture: &flags::Capture, ipv6: bool) -> Plan {
     let families: &[Family] = if ipv6 { &Family::BOTH } else { &[Family::V4] };
     Plan {
-        mode: Mode::Redirect,
+        mode: if capture.tproxy.is_some() {
+            Mode::Tproxy
+        } else {
+            Mode::Redirect
+        },
         rule_sets: families
             .iter()
             .flat_map(|&family| capture::rule_sets(capture, family))
             .collect(),
         // REDIRECT needs no policy routing.
-        route: None,
+        route: capture.tproxy.map(|t| PolicyRoute {
+            mark: t.mark,
+            table: t.table,
+            ipv6,
+        }),
         ipv6,
     }
 }

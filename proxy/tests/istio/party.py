@@ -6,6 +6,13 @@ run as any uid with setpriv.
                         datagram, with one line: LABEL LOCALPORT ORIG PEER, where
                         ORIG is SO_ORIGINAL_DST where a REDIRECT rewrote the
                         destination, else "-"
+  mesh-tproxy MARK      the mesh proxy of -m TPROXY, as Envoy's original_src:
+                        a transparent listener on 15006 whose connections go
+                        on to where the client was going, from the client's
+                        address with SO_MARK MARK; it answers
+                        "mesh 15006 DST | <what the app answered>". Also
+                        serves 15001 as `serve mesh 15001` does. Needs
+                        NET_ADMIN and NET_RAW.
   ask SRC DST PORT      connect over TCP (from SRC unless "-") and print the line
   ask-udp DST PORT      the same over UDP
 """
@@ -71,9 +78,60 @@ def udp(label, family, port):
     threading.Thread(target=loop, daemon=True).start()
 
 
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SO_MARK = 36
+
+
+def mesh_tproxy(mark, family):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET:
+        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s.bind(("0.0.0.0", 15006))
+    else:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        s.bind(("::", 15006))
+    s.listen(64)
+
+    def serve(conn, peer):
+        local = conn.getsockname()
+        app = socket.socket(family, socket.SOCK_STREAM)
+        app.settimeout(5)
+        if family == socket.AF_INET:
+            app.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        else:
+            app.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        app.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        app.bind((peer[0], 0))
+        try:
+            app.connect(local[:2])
+            answer = app.makefile().readline().strip()
+        except OSError as e:
+            answer = "failed: %s" % e
+        conn.sendall(("mesh 15006 %s | %s\n" % (endpoint(local, family), answer)).encode())
+        conn.close()
+        app.close()
+
+    def loop():
+        while True:
+            conn, peer = s.accept()
+            threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def main():
     mode = sys.argv[1]
-    if mode == "serve":
+    if mode == "mesh-tproxy":
+        mark = int(sys.argv[2])
+        for family in (socket.AF_INET, socket.AF_INET6):
+            mesh_tproxy(mark, family)
+            tcp("mesh", family, 15001)
+        print("ready", flush=True)
+        threading.Event().wait()
+    elif mode == "serve":
         label = sys.argv[2]
         for port in map(int, sys.argv[3:]):
             for family in (socket.AF_INET, socket.AF_INET6):
