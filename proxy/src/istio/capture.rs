@@ -1,20 +1,22 @@
 //! Istio's capture (`tools/istio-iptables/pkg/capture/run.go`, iptables
-//! backend, REDIRECT mode) as sluice rule sets: the same matches in the
-//! same order, so each packet meets the same verdict, in sluice's own
-//! chains. Istio appends to and inserts into the built-in chains; here the
-//! built-in chains hold one jump each (`-A PREROUTING -j SLUICE_PREROUTING`)
-//! and the order Istio's inserts make is written out in sluice's chain, so
-//! the whole capture is installed, compared and removed as sluice's
-//! engine does for its own modes.
+//! backend) as sluice rule sets: the same matches in the same order, so
+//! each packet meets the same verdict, in sluice's own chains. Istio
+//! appends to and inserts into the built-in chains; here the built-in
+//! chains hold one jump each (`-A PREROUTING -j SLUICE_PREROUTING`) and the
+//! order Istio's inserts make is written out in sluice's chain, so the
+//! whole capture is installed, compared and removed as sluice's engine does
+//! for its own modes. `-m TPROXY` is sluice's recipe, not Istio's
+//! (`inbound_tproxy`, `notrack`).
 //!
 //! ```text
 //! nat PREROUTING -> SLUICE_PREROUTING
 //!   -k IF with -i: -i IF [-d CIDR] -> SLUICE_REDIRECT      (Istio: -I PREROUTING 1, last first)
 //!   -k IF: -i IF -> RETURN                                 (Istio: -I PREROUTING 1)
 //!   -c IF: -i IF -> RETURN
-//!   -b not empty: -p tcp -> SLUICE_INBOUND
+//!   -b not empty, REDIRECT: -p tcp -> SLUICE_INBOUND
 //! SLUICE_INBOUND: tunnel port -> RETURN; -d ports -> RETURN (-b *); ports or all -> SLUICE_IN_REDIRECT
 //! nat OUTPUT -> SLUICE_OUTPUT
+//!   TPROXY: mark -t -> RETURN                              (the mesh proxy's legs to the app)
 //!   -c IF: -o IF -> RETURN; -o ports (tcp, udp) -> RETURN
 //!   -o lo -s 127.0.0.6 (::6) -> RETURN                     (the proxy's inbound passthrough)
 //!   per uid, then per gid G: the proxy reaching its own pod over lo, but the
@@ -22,6 +24,10 @@
 //!   owner groups not captured -> RETURN
 //!   -d loopback -> RETURN; -x CIDRs -> RETURN; -q ports -> SLUICE_REDIRECT; -i -> SLUICE_REDIRECT
 //! mangle PREROUTING -> SLUICE_DROP_INVALID (--drop-invalid): ctstate INVALID -> DROP
+//! TPROXY: mangle PREROUTING -p tcp -> SLUICE_TPROXY
+//!   -i lo, -c IF, tunnel port, -d ports -> RETURN
+//!   SYNs to the pod's addresses on captured ports -> TPROXY --on-port -z, mark -t+1
+//! TPROXY: raw PREROUTING -> SLUICE_NOTRACK_IN, raw OUTPUT -> SLUICE_NOTRACK_OUT (see `notrack`)
 //! ```
 
 use crate::intercept::rules::{Family, RuleSet};

@@ -164,6 +164,11 @@ pub enum FlagError {
         source_: String,
         why: &'static str,
     },
+    #[error("{env_var}: no group {group:?} in this image's /etc/group; give its gid instead")]
+    Group {
+        env_var: &'static str,
+        group: String,
+    },
     #[error("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {0:?} must be an IPv4 loopback CIDR with a prefix of 8 to 32, e.g. 127.0.0.1/32")]
     Loopback(String),
 }
@@ -389,17 +394,15 @@ impl IstioArgs {
         };
         let groups = env("ISTIO_OUTBOUND_OWNER_GROUPS").unwrap_or("*".into());
         let owner_groups = if groups == "*" {
-            let except: Vec<String> =
-                split(&env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default())
-                    .map(String::from)
-                    .collect();
+            let name = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+            let except = group_ids(name, &env(name).unwrap_or_default())?;
             if except.is_empty() {
                 OwnerGroups::All
             } else {
                 OwnerGroups::Except(except)
             }
         } else {
-            OwnerGroups::Only(split(&groups).map(String::from).collect())
+            OwnerGroups::Only(group_ids("ISTIO_OUTBOUND_OWNER_GROUPS", &groups)?)
         };
         let mut capture = Capture {
             envoy_port: port("envoy-port", &self.envoy_port, 15001)?,
@@ -557,6 +560,25 @@ fn refused_extra_envs(flag: &str) -> Vec<&'static str> {
         "redirect-dns" => vec!["ISTIO_META_DNS_CAPTURE"],
         _ => Vec::new(),
     }
+}
+
+/// Group names as gids, as `iptables-save` prints them (so a second
+/// install finds what the first made); numbers as they are.
+fn group_ids(env_var: &'static str, list: &str) -> Result<Vec<String>, FlagError> {
+    split(list)
+        .map(|group| {
+            if group.parse::<u32>().is_ok() {
+                return Ok(group.to_string());
+            }
+            match nix::unistd::Group::from_name(group) {
+                Ok(Some(g)) => Ok(g.gid.to_string()),
+                _ => Err(FlagError::Group {
+                    env_var,
+                    group: group.to_string(),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Istio's list split: commas, empty items dropped.
@@ -752,16 +774,26 @@ mod tests {
 
     #[test]
     fn owner_groups_from_the_environment() {
-        let only = resolve(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        // Names become gids, as iptables-save prints them.
+        let only = resolve(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "root,202")]).unwrap();
         assert_eq!(
             only.capture.owner_groups,
-            OwnerGroups::Only(vec!["java".into(), "202".into()])
+            OwnerGroups::Only(vec!["0".into(), "202".into()])
         );
-        let except = resolve(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp")]).unwrap();
+        let except = resolve(
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,daemon")],
+        )
+        .unwrap();
         assert_eq!(
             except.capture.owner_groups,
-            OwnerGroups::Except(vec!["888".into(), "ftp".into()])
+            OwnerGroups::Except(vec!["888".into(), "1".into()])
         );
+        let unknown = resolve(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group")]);
+        assert!(matches!(unknown, Err(FlagError::Group { .. })));
+        // Istio's quirk, kept: an empty list captures no group's traffic.
+        let none = resolve(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "")]).unwrap();
+        assert_eq!(none.capture.owner_groups, OwnerGroups::Only(Vec::new()));
     }
 
     #[test]
