@@ -33,7 +33,7 @@
 //! | --- | --- | --- |
 //! | exact | errors, bypassed, conntrack peak and after CRR (tproxy, ebpf) | not 0 in any head run |
 //! | count | syscalls per connection (CRR) and per request (RR), sluice's user-space instructions per connection (CRR, callgrind), conntrack per connection (redirect), RSS KiB per connection | head − base beyond a fixed tolerance in every count pair |
-//! | time | CRR conn/s, machine and interceptor CPU µs per connection, RR p50, bulk Gbit/s, proxy CPU s per GB | the confidence interval of head/base lies wholly beyond the threshold |
+//! | time | CRR conn/s, machine CPU µs per connection, RR p50, bulk Gbit/s, proxy CPU s per GB | the confidence interval of head/base lies wholly beyond the threshold |
 //! | tail | RR p90, p99, p99.9 | the interval lies wholly beyond 5× (a catastrophe) |
 //! | shown | every figure of `direct`, which has no interceptor | never: it is the A/A control, the noise of the pairing itself; a time or tail regression whose control got worse too (beyond doubt, or by more than 10%) is undecided: those runs measured the machine |
 //!
@@ -101,13 +101,6 @@ const CRR_RATE: Gate = Gate::Time {
     threshold: 0.03,
 };
 const CRR_CPU: Gate = Gate::Time {
-    bad: Bad::Higher,
-    threshold: 0.05,
-};
-/// The interceptor's own CPU time per connection: steal-free (see
-/// `procstat::cpu_seconds`), so it sees a per-connection cost that the
-/// rate loses in a noisy neighbour's bursts.
-const CRR_PROXY_CPU: Gate = Gate::Time {
     bad: Bad::Higher,
     threshold: 0.05,
 };
@@ -309,10 +302,6 @@ pub fn figures(run: &Run, pass: Pass) -> Vec<Value> {
                     out.push(value(name, "crr conn/s", gate(CRR_RATE), c.report.rate));
                     if let Some(cpu) = c.machine_cpu_us_per_conn {
                         out.push(value(name, "crr machine CPU µs/conn", gate(CRR_CPU), cpu));
-                    }
-                    if let Some(cpu) = c.proxy_cpu_us_per_conn {
-                        let gate = gate(CRR_PROXY_CPU);
-                        out.push(value(name, "crr proxy CPU µs/conn", gate, cpu));
                     }
                 }
             }
