@@ -410,10 +410,10 @@ fn without_dual_stack_a_pod_with_ipv4_first_captures_ipv4_only_as_istio_does() {
 #[test]
 fn an_unsupported_flag_is_refused_by_name_and_nothing_is_installed() {
     let l = ClientPod::new("ist-refuse").expect("client ⇄ pod");
-    let out = istio_iptables(&l.pod, &["--redirect-dns"]);
+    let out = istio_iptables(&l.pod, &["--cni-mode"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--redirect-dns"), "{err}");
+    assert!(err.contains("--cni-mode"), "{err}");
     assert!(!saved(&l.pod).contains("SLUICE"));
 }
 
@@ -558,4 +558,54 @@ fn tproxy_mode_shows_the_app_the_client_with_no_conntrack_entry() {
         "{answer}"
     );
     drop(parties);
+}
+
+/// `--redirect-dns --capture-all-dns` (Istio's DNS proxying): the app's DNS,
+/// UDP and TCP, reaches the mesh proxy on 15053; the proxy's own DNS goes
+/// out untouched; other UDP is not captured.
+#[test]
+fn dns_capture_sends_the_apps_dns_to_15053_and_not_the_proxys() {
+    let lab = ClientPod::new("ist-dns").expect("client ⇄ pod");
+    let _parties = [
+        serve(&lab.pod, MESH_UID, "mesh", &[15001, 15006, 15053]),
+        serve(&lab.client, 0, "server", &[53, SERVER_PORT]),
+    ];
+    let out = istio_iptables(
+        &lab.pod,
+        &["--dual-stack", "--redirect-dns", "--capture-all-dns"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for [_, client, ..] in [v4(), v6()] {
+        let dns = SocketAddr::new(client, 53);
+        let seen = |answer: String| {
+            answer
+                .rsplit_once(' ')
+                .map_or(answer.clone(), |(h, _)| h.to_string())
+        };
+        assert_eq!(
+            seen(ask_udp(&lab.pod, APP_UID, dns)),
+            "mesh 15053 -",
+            "app's DNS over UDP"
+        );
+        assert_eq!(
+            seen(ask(&lab.pod, APP_UID, None, dns)),
+            format!("mesh 15053 {dns}"),
+            "app's DNS over TCP"
+        );
+        assert_eq!(
+            seen(ask_udp(&lab.pod, MESH_UID, dns)),
+            "server 53 -",
+            "the proxy's own DNS"
+        );
+        let other = SocketAddr::new(client, SERVER_PORT);
+        assert_eq!(
+            seen(ask_udp(&lab.pod, APP_UID, other)),
+            "server 9000 -",
+            "other UDP"
+        );
+    }
 }

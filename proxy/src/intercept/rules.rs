@@ -83,7 +83,15 @@ impl RuleSet {
         if chain.starts_with(CHAIN_PREFIX) {
             self.chains.entry(chain.to_string()).or_default().push(line);
         } else {
-            self.hooks.push(line);
+            // In the order iptables-save lists them (by built-in chain,
+            // then as added), so that what is read back compares equal.
+            let rank = builtin_rank(chain);
+            let at = self
+                .hooks
+                .iter()
+                .rposition(|h| builtin_rank(hook_chain(h)) <= rank)
+                .map_or(0, |i| i + 1);
+            self.hooks.insert(at, line);
         }
     }
 
@@ -195,6 +203,19 @@ impl RuleSet {
     }
 }
 
+/// Where iptables-save lists a built-in chain among the others.
+fn builtin_rank(chain: &str) -> usize {
+    ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]
+        .iter()
+        .position(|c| *c == chain)
+        .unwrap_or(usize::MAX)
+}
+
+/// The chain of a `-A CHAIN ...` line.
+fn hook_chain(line: &str) -> &str {
+    line.split_whitespace().nth(1).unwrap_or_default()
+}
+
 fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
     let mut child = Command::new(tool)
         .args(args)
@@ -269,6 +290,24 @@ COMMIT
             script,
             "*mangle\n:SLUICE_PREROUTING - [0:0]\n-F SLUICE_DIVERT\n-X SLUICE_DIVERT\n\
              -A SLUICE_PREROUTING -p tcp -j RETURN\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn hooks_keep_iptables_saves_order_whatever_order_they_are_added_in() {
+        let mut set = RuleSet::new(Family::V4, "raw");
+        set.push("OUTPUT", "-j SLUICE_A_OUT");
+        set.push("PREROUTING", "-j SLUICE_A_IN");
+        set.push("PREROUTING", "-j SLUICE_B_IN");
+        set.push("OUTPUT", "-j SLUICE_B_OUT");
+        assert_eq!(
+            set.hooks,
+            [
+                "-A PREROUTING -j SLUICE_A_IN",
+                "-A PREROUTING -j SLUICE_B_IN",
+                "-A OUTPUT -j SLUICE_A_OUT",
+                "-A OUTPUT -j SLUICE_B_OUT"
+            ]
         );
     }
 

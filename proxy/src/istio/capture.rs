@@ -28,10 +28,14 @@
 //!   -i lo, -c IF, tunnel port, -d ports -> RETURN
 //!   SYNs to the pod's addresses on captured ports -> TPROXY --on-port -z, mark -t+1
 //! TPROXY: raw PREROUTING -> SLUICE_NOTRACK_IN, raw OUTPUT -> SLUICE_NOTRACK_OUT (see `notrack`)
+//! --redirect-dns: nat SLUICE_OUTPUT -> SLUICE_DNS (port 53 -> 15053), after
+//!   the owner groups; raw SLUICE_DNS_OUT / SLUICE_DNS_IN: conntrack zones (see `dns_zones`)
 //! ```
 
 use crate::intercept::rules::{Family, RuleSet};
-use crate::istio::flags::{is_v4, Capture, InboundPorts, Outbound, OwnerGroups, Tproxy};
+use std::net::IpAddr;
+
+use crate::istio::flags::{is_v4, Capture, Dns, InboundPorts, Outbound, OwnerGroups, Tproxy};
 
 const PREROUTING: &str = "SLUICE_PREROUTING";
 const OUTPUT: &str = "SLUICE_OUTPUT";
@@ -42,6 +46,11 @@ const DROP_INVALID: &str = "SLUICE_DROP_INVALID";
 const TPROXY: &str = "SLUICE_TPROXY";
 const NOTRACK_IN: &str = "SLUICE_NOTRACK_IN";
 const NOTRACK_OUT: &str = "SLUICE_NOTRACK_OUT";
+const DNS: &str = "SLUICE_DNS";
+const DNS_OUT: &str = "SLUICE_DNS_OUT";
+const DNS_IN: &str = "SLUICE_DNS_IN";
+/// Where Istio's agent answers DNS.
+const DNS_PORT: u16 = 15053;
 
 /// The rule sets of one family, in `iptables-save`'s canonical form (so
 /// that what is installed compares line by line with what is asked).
@@ -52,9 +61,16 @@ pub fn rule_sets(capture: &Capture, family: Family) -> Vec<RuleSet> {
         mangle.push("PREROUTING", format!("-j {DROP_INVALID}"));
         mangle.push(DROP_INVALID, "-m conntrack --ctstate INVALID -j DROP");
     }
+    let mut raw = RuleSet::new(family, "raw");
+    if capture.dns.is_some() {
+        dns_zones(&mut raw, capture, family);
+    }
     if let Some(tproxy) = capture.tproxy {
         inbound_tproxy(&mut mangle, capture, tproxy, family);
-        sets.push(notrack(capture, tproxy, family));
+        notrack(&mut raw, capture, tproxy);
+    }
+    if !raw.is_empty() {
+        sets.push(raw);
     }
     if !mangle.is_empty() {
         sets.push(mangle);
@@ -110,8 +126,7 @@ pub fn accepted_mark(tproxy: Tproxy) -> u32 {
 /// a closed socket still sends). Connections to excluded ports stay
 /// tracked: their replies come from the app, whose outbound connections
 /// the nat rules must see whole; so do the mesh proxy's own outbound ones.
-fn notrack(c: &Capture, tproxy: Tproxy, family: Family) -> RuleSet {
-    let mut raw = RuleSet::new(family, "raw");
+fn notrack(raw: &mut RuleSet, c: &Capture, tproxy: Tproxy) {
     let mark = format!("-m mark --mark {:#x}", tproxy.mark);
     raw.push("PREROUTING", format!("-j {NOTRACK_IN}"));
     raw.push(NOTRACK_IN, format!("-i lo {mark} -j CT --notrack"));
@@ -121,12 +136,79 @@ fn notrack(c: &Capture, tproxy: Tproxy, family: Family) -> RuleSet {
         raw.push(NOTRACK_IN, format!("-i {interface} -j RETURN"));
     }
     raw.push(NOTRACK_IN, "-p tcp -m socket --transparent -j CT --notrack");
-    push_syn_matches(&mut raw, NOTRACK_IN, c, "-j CT --notrack");
+    push_syn_matches(raw, NOTRACK_IN, c, "-j CT --notrack");
     raw.push("OUTPUT", format!("-j {NOTRACK_OUT}"));
     raw.push(NOTRACK_OUT, format!("{mark} -j CT --notrack"));
     let accepted = format!("-m mark --mark {:#x}", accepted_mark(tproxy));
     raw.push(NOTRACK_OUT, format!("{accepted} -j CT --notrack"));
-    raw
+}
+
+/// The nameservers whose DNS this family captures: `Some(None)` for all
+/// of port 53, `None` when this family has nothing to capture.
+fn dns_servers(c: &Capture, family: Family) -> Option<Option<Vec<IpAddr>>> {
+    match c.dns.as_ref()? {
+        Dns::All => Some(None),
+        Dns::Servers(servers) => {
+            let ours: Vec<IpAddr> = servers
+                .iter()
+                .copied()
+                .filter(|s| s.is_ipv4() == (family == Family::V4))
+                .collect();
+            (!ours.is_empty()).then_some(Some(ours))
+        }
+    }
+}
+
+/// An address as a host CIDR, as iptables-save prints it.
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
+/// Istio's conntrack zones for DNS over UDP (`addDNSConntrackZones`): the
+/// app's queries and the mesh proxy's answers from 15053 in one zone, the
+/// proxy's queries upstream and their answers in another, so that the two
+/// legs' tuples, which can be the same, never meet in one table.
+fn dns_zones(raw: &mut RuleSet, c: &Capture, family: Family) {
+    raw.push("OUTPUT", format!("-j {DNS_OUT}"));
+    for (owner, ids) in [("uid", &c.uids), ("gid", &c.gids)] {
+        for id in ids {
+            raw.push(
+                DNS_OUT,
+                format!("-p udp -m udp --dport 53 -m owner --{owner}-owner {id} -j CT --zone 1"),
+            );
+            raw.push(
+                DNS_OUT,
+                format!(
+                    "-p udp -m udp --sport {DNS_PORT} -m owner --{owner}-owner {id} -j CT --zone 2"
+                ),
+            );
+        }
+    }
+    match dns_servers(c, family) {
+        None => {}
+        Some(None) => {
+            raw.push(DNS_OUT, "-p udp -m udp --dport 53 -j CT --zone 2");
+            raw.push("PREROUTING", format!("-j {DNS_IN}"));
+            raw.push(DNS_IN, "-p udp -m udp --sport 53 -j CT --zone 1");
+        }
+        Some(Some(servers)) => {
+            raw.push("PREROUTING", format!("-j {DNS_IN}"));
+            for server in servers {
+                let server = host(server);
+                raw.push(
+                    DNS_OUT,
+                    format!("-d {server} -p udp -m udp --dport 53 -j CT --zone 2"),
+                );
+                raw.push(
+                    DNS_IN,
+                    format!("-s {server} -p udp -m udp --sport 53 -j CT --zone 1"),
+                );
+            }
+        }
+    }
 }
 
 /// The RETURNs of the tunnel port and `-d`, then `target` for the SYNs to
@@ -263,19 +345,29 @@ fn nat(c: &Capture, family: Family) -> RuleSet {
         set.push(OUTPUT, format!("-p udp -m udp --dport {port} -j RETURN"));
     }
     set.push(OUTPUT, format!("-s {passthrough} -o lo -j RETURN"));
+    let dns = c.dns.is_some();
     for (owner, ids) in [("uid", &c.uids), ("gid", &c.gids)] {
         for id in ids {
+            // With DNS capture the proxy's own DNS over lo is not the
+            // hairpin's; Istio makes that exception for uids only.
+            let ports = if dns && owner == "uid" {
+                format!("-m multiport ! --dports 53,{}", c.tunnel_port)
+            } else {
+                format!("-m tcp ! --dport {}", c.tunnel_port)
+            };
             set.push(
                 OUTPUT,
-                format!(
-                    "! -d {loopback} -o lo -p tcp -m tcp ! --dport {} -m owner --{owner}-owner {id} -j {IN_REDIRECT}",
-                    c.tunnel_port
-                ),
+                format!("! -d {loopback} -o lo -p tcp {ports} -m owner --{owner}-owner {id} -j {IN_REDIRECT}"),
             );
             if !loopback_captured {
+                let not_dns = if dns {
+                    "-p tcp -m tcp ! --dport 53 "
+                } else {
+                    ""
+                };
                 set.push(
                     OUTPUT,
-                    format!("-o lo -m owner ! --{owner}-owner {id} -j RETURN"),
+                    format!("-o lo {not_dns}-m owner ! --{owner}-owner {id} -j RETURN"),
                 );
             }
             set.push(OUTPUT, format!("-m owner --{owner}-owner {id} -j RETURN"));
@@ -294,6 +386,22 @@ fn nat(c: &Capture, family: Family) -> RuleSet {
                 .map(|g| format!("-m owner ! --gid-owner {g} "))
                 .collect();
             set.push(OUTPUT, format!("{}-j RETURN", matches.concat()));
+        }
+    }
+    if let Some(servers) = dns_servers(c, family) {
+        set.push(OUTPUT, format!("-j {DNS}"));
+        for proto in ["tcp", "udp"] {
+            let to = |d: &str| {
+                format!("{d}-p {proto} -m {proto} --dport 53 -j REDIRECT --to-ports {DNS_PORT}")
+            };
+            match &servers {
+                None => set.push(DNS, to("")),
+                Some(servers) => {
+                    for server in servers {
+                        set.push(DNS, to(&format!("-d {} ", host(*server))));
+                    }
+                }
+            }
         }
     }
     set.push(OUTPUT, format!("-d {loopback} -j RETURN"));

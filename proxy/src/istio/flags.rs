@@ -110,11 +110,15 @@ pub struct IstioArgs {
     #[arg(long = "probe-timeout")]
     probe_timeout: Option<String>,
 
-    // Refused (see REFUSED): declared so the error can say why.
-    #[arg(long = "redirect-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// Send DNS (port 53, UDP and TCP) to the mesh proxy on 15053: to the
+    /// nameservers of /etc/resolv.conf [env REDIRECT_DNS, ISTIO_META_DNS_CAPTURE].
+    #[arg(long = "redirect-dns", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     redirect_dns: Option<String>,
-    #[arg(long = "capture-all-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// With --redirect-dns: all DNS, whatever the server [env CAPTURE_ALL_DNS].
+    #[arg(long = "capture-all-dns", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     capture_all_dns: Option<String>,
+
+    // Refused (see REFUSED): declared so the error can say why.
     #[arg(long = "network-namespace", hide = true)]
     network_namespace: Option<String>,
     #[arg(long = "cni-mode", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -129,11 +133,6 @@ pub struct IstioArgs {
 /// a value flag, to anything) on the command line or in the env var, each
 /// is an error that names it.
 const REFUSED: &[(&str, &str)] = &[
-    (
-        "redirect-dns",
-        "DNS capture is not implemented yet; leave it off (ISTIO_META_DNS_CAPTURE=false)",
-    ),
-    ("capture-all-dns", "DNS capture is not implemented yet"),
     (
         "network-namespace",
         "run sluice inside the pod's namespace instead (nsenter --net=PATH)",
@@ -169,6 +168,8 @@ pub enum FlagError {
         env_var: &'static str,
         group: String,
     },
+    #[error("--redirect-dns needs the nameservers of /etc/resolv.conf, which cannot be read ({0}); or add --capture-all-dns")]
+    ResolvConf(String),
     #[error("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {0:?} must be an IPv4 loopback CIDR with a prefix of 8 to 32, e.g. 127.0.0.1/32")]
     Loopback(String),
 }
@@ -219,6 +220,15 @@ pub struct Capture {
     pub dual_stack: bool,
     /// `-m TPROXY`: inbound by sluice's conntrack-free recipe.
     pub tproxy: Option<Tproxy>,
+    /// `--redirect-dns`, when it has something to capture.
+    pub dns: Option<Dns>,
+}
+
+/// DNS capture: all of port 53, or that to these nameservers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dns {
+    All,
+    Servers(Vec<IpAddr>),
 }
 
 /// `-t` and `-r`: the mark the mesh proxy puts on its connections to the
@@ -350,7 +360,7 @@ impl IstioArgs {
 
         for (flag, why) in REFUSED {
             let cli = self.refused_value(flag);
-            if let Some(g) = given(flag, &cli, &refused_extra_envs(flag)) {
+            if let Some(g) = given(flag, &cli, &[]) {
                 // A boolean set to false asks for nothing.
                 if parse_go_bool(&g.value) != Some(false) {
                     return Err(FlagError::Refused {
@@ -447,7 +457,21 @@ impl IstioArgs {
             drop_invalid: boolean("drop-invalid", &self.drop_invalid, &["INVALID_DROP"])?,
             dual_stack: boolean("dual-stack", &self.dual_stack, &["ISTIO_DUAL_STACK"])?,
             tproxy: None,
+            dns: None,
         };
+        if boolean(
+            "redirect-dns",
+            &self.redirect_dns,
+            &["ISTIO_META_DNS_CAPTURE"],
+        )? {
+            capture.dns = if boolean("capture-all-dns", &self.capture_all_dns, &[])? {
+                Some(Dns::All)
+            } else {
+                // As Istio: no nameserver, nothing to capture (it warns).
+                let servers = nameservers(&resolv_conf()?);
+                (!servers.is_empty()).then_some(Dns::Servers(servers))
+            };
+        }
         // Checked for their values, then nothing more to do: sluice's
         // install converges on the flags whatever is there.
         boolean("reconcile", &self.reconcile, &[])?;
@@ -538,8 +562,6 @@ impl IstioArgs {
 
     fn refused_value(&self, flag: &str) -> Option<String> {
         match flag {
-            "redirect-dns" => &self.redirect_dns,
-            "capture-all-dns" => &self.capture_all_dns,
             "network-namespace" => &self.network_namespace,
             "cni-mode" => &self.cni_mode,
             "native-nftables" => &self.native_nftables,
@@ -555,11 +577,20 @@ fn env_name(flag: &str) -> String {
     flag.to_uppercase().replace('-', "_")
 }
 
-fn refused_extra_envs(flag: &str) -> Vec<&'static str> {
-    match flag {
-        "redirect-dns" => vec!["ISTIO_META_DNS_CAPTURE"],
-        _ => Vec::new(),
-    }
+/// /etc/resolv.conf's text; Istio's tool fails without it when it needs it.
+fn resolv_conf() -> Result<String, FlagError> {
+    std::fs::read_to_string("/etc/resolv.conf").map_err(|e| FlagError::ResolvConf(e.to_string()))
+}
+
+/// The `nameserver` addresses of a resolv.conf, in order (zone suffixes and
+/// what does not parse are dropped, as Istio drops them).
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|addr| addr.split('%').next()?.parse().ok())
+        .collect()
 }
 
 /// Group names as gids, as `iptables-save` prints them (so a second
@@ -822,19 +853,8 @@ mod tests {
             ),
             "{err}"
         );
-        let err = resolve(&[], &[("ISTIO_META_DNS_CAPTURE", "true")]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FlagError::Refused {
-                    flag: "redirect-dns",
-                    ..
-                }
-            ),
-            "{err}"
-        );
         // Off is no request.
-        assert!(resolve(&[], &[("REDIRECT_DNS", "false")]).is_ok());
+        assert!(resolve(&["--cni-mode=false"], &[]).is_ok());
         let tproxy = resolve(&["-m", "TPROXY", "-t", "7"], &[])
             .unwrap()
             .capture
@@ -855,6 +875,25 @@ mod tests {
         let err =
             resolve(&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")]).unwrap_err();
         assert!(matches!(err, FlagError::Loopback(_)), "{err}");
+    }
+
+    #[test]
+    fn dns_capture_from_the_flag_or_istios_proxy_metadata() {
+        let all = resolve(
+            &["--capture-all-dns"],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
+        assert_eq!(all.capture.dns, Some(Dns::All));
+        // capture-all alone asks for nothing, as in Istio.
+        assert_eq!(
+            resolve(&["--capture-all-dns"], &[]).unwrap().capture.dns,
+            None
+        );
+        let conf =
+            "# x\nsearch a.svc\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\nnameserver bad\n";
+        let servers: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap(), "fe80::1".parse().unwrap()];
+        assert_eq!(nameservers(conf), servers);
     }
 
     #[test]
