@@ -9,10 +9,11 @@ CARGO ?= cargo
 APT_PACKAGES := iptables iproute2 conntrack clang libelf-dev zlib1g-dev pkg-config linux-libc-dev bpftool nftables redis-server redis-tools
 # curl, python3: the README's quickstarts, which bench/tests/quickstart.rs runs.
 APT_PACKAGES += curl python3
+# valgrind: sluice's user-space instructions per connection (callgrind),
+# bench-check's machine-independent gate on its CPU work, and its test.
+APT_PACKAGES += valgrind
 # linux-perf: the interceptors' syscall counts (perf stat) and `make profile`.
-# valgrind: the interceptor's user-space instructions per connection
-# (callgrind), bench-check's machine-independent gate on its CPU work.
-BENCH_PACKAGES := haproxy linux-perf valgrind
+BENCH_PACKAGES := haproxy linux-perf
 PROFILE_PACKAGES := strace
 
 .PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-check-selftest bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers

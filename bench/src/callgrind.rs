@@ -162,10 +162,7 @@ mod tests {
     /// the same twice, whatever the machine is doing.
     #[test]
     fn counts_the_same_work_the_same() {
-        let Some(callgrind) = Callgrind::find() else {
-            eprintln!("skipped: valgrind is not installed (make bench-deps installs it)");
-            return;
-        };
+        let callgrind = Callgrind::find().expect("valgrind (make deps installs it)");
         let dir = std::env::temp_dir().join(format!("sl-callgrind-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let count = |rounds: &str| {

@@ -949,7 +949,7 @@ impl<'a> Live<'a> {
         };
         let Some(callgrind) = &tools.callgrind else {
             return Some(failed(anyhow!(
-                "valgrind is not installed (make bench-deps installs it)"
+                "valgrind is not installed (make deps installs it)"
             )));
         };
         let dir = tools

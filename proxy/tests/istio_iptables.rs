@@ -19,26 +19,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 
 use netlab::{ClientPod, Netns, Proc};
+use sluice::istio::INJECTOR;
 
-/// What Istio's sidecar injector runs.
-const INJECTOR: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
 const MESH_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
 const APP_PORT: u16 = 8080;
@@ -488,29 +470,13 @@ fn tproxy_mode_shows_the_app_the_client_with_no_conntrack_entry() {
         ),
         serve(&lab.client, 0, "server", &[SERVER_PORT]),
     ];
-    let out = common::sluice_cli(
-        &lab.pod,
-        &[
-            "istio-iptables",
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "TPROXY",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-            "--dual-stack",
-        ],
-    );
+    // The injector's arguments but -m TPROXY.
+    let args: Vec<&str> = INJECTOR
+        .iter()
+        .map(|a| if *a == "REDIRECT" { "TPROXY" } else { a })
+        .collect();
+    let args = [&["istio-iptables"][..], &args, &["--dual-stack"]].concat();
+    let out = common::sluice_cli(&lab.pod, &args);
     assert!(
         out.status.success(),
         "{}",

@@ -713,28 +713,9 @@ mod tests {
             .resolve(&|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 
-    const INJECTOR: &[&str] = &[
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-    ];
-
     #[test]
     fn the_injectors_arguments() {
-        let r = resolve(INJECTOR, &[]).unwrap();
+        let r = resolve(crate::istio::INJECTOR, &[]).unwrap();
         let c = &r.capture;
         assert_eq!(
             (c.envoy_port, c.inbound_port, c.tunnel_port),

@@ -19,6 +19,27 @@ use crate::intercept::{self, Plan};
 use crate::routing::PolicyRoute;
 pub use flags::{Action, IstioArgs, Resolved};
 
+/// The arguments Istio's sidecar injector gives its init container
+/// (`istio-iptables`), with the injector's defaults.
+pub const INJECTOR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
