@@ -135,10 +135,16 @@ struct Lab {
     _parties: Vec<Proc>,
 }
 
+/// The topology with its parties: the mesh stand-in of `-m REDIRECT`.
 fn lab(name: &str) -> Lab {
+    lab_with(name, |pod| serve(pod, MESH_UID, "mesh", &[15001, 15006]))
+}
+
+/// The topology with `mesh` started in the pod, the workload, the server.
+fn lab_with(name: &str, mesh: impl FnOnce(&Netns) -> Proc) -> Lab {
     let lab = ClientPod::new(name).expect("client ⇄ pod");
     let parties = vec![
-        serve(&lab.pod, MESH_UID, "mesh", &[15001, 15006]),
+        mesh(&lab.pod),
         serve(
             &lab.pod,
             APP_UID,
@@ -457,19 +463,12 @@ fn run_validation_passes_with_the_capture_as_the_proxy_uid_and_exits_126_otherwi
 /// still make no conntrack entry; outbound capture still works.
 #[test]
 fn tproxy_mode_shows_the_app_the_client_with_no_conntrack_entry() {
-    let lab = ClientPod::new("ist-tpx").expect("client ⇄ pod");
-    let mut mesh = as_uid_with(MESH_UID, &["net_admin", "net_raw"]);
-    mesh.args(["mesh-tproxy", "1337"]);
-    let parties = vec![
-        start(&lab.pod, mesh, "mesh"),
-        serve(
-            &lab.pod,
-            APP_UID,
-            "workload",
-            &[APP_PORT, 15008, 15020, 15021, 15090],
-        ),
-        serve(&lab.client, 0, "server", &[SERVER_PORT]),
-    ];
+    let l = lab_with("ist-tpx", |pod| {
+        let mut mesh = as_uid_with(MESH_UID, &["net_admin", "net_raw"]);
+        mesh.args(["mesh-tproxy", "1337"]);
+        start(pod, mesh, "mesh")
+    });
+    let lab = &l.lab;
     // The injector's arguments but -m TPROXY.
     let args: Vec<&str> = INJECTOR
         .iter()
@@ -523,7 +522,6 @@ fn tproxy_mode_shows_the_app_the_client_with_no_conntrack_entry() {
         answer.starts_with(&format!("mesh 15001 {client}:{SERVER_PORT}")),
         "{answer}"
     );
-    drop(parties);
 }
 
 /// `--redirect-dns --capture-all-dns` (Istio's DNS proxying): the app's DNS,
@@ -574,4 +572,25 @@ fn dns_capture_sends_the_apps_dns_to_15053_and_not_the_proxys() {
             "other UDP"
         );
     }
+}
+
+/// The figure `-m TPROXY` is measured against: Istio's REDIRECT capture
+/// costs one conntrack entry per inbound connection (README, "In an Istio
+/// pod").
+#[test]
+fn redirect_mode_costs_a_conntrack_entry_per_inbound_connection() {
+    let l = lab("ist-ct");
+    let out = istio_iptables(&l.lab.pod, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = common::conntrack_count(&l.lab.pod);
+    let [pod, ..] = v4();
+    for _ in 0..10 {
+        let answer = ask(&l.lab.client, 0, None, SocketAddr::new(pod, APP_PORT));
+        assert!(answer.starts_with("mesh 15006"), "{answer}");
+    }
+    assert_eq!(common::conntrack_count(&l.lab.pod) - before, 10);
 }
