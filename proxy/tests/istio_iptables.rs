@@ -594,3 +594,30 @@ fn redirect_mode_costs_a_conntrack_entry_per_inbound_connection() {
     }
     assert_eq!(common::conntrack_count(&l.lab.pod) - before, 10);
 }
+
+/// Istio's init container runs `istio-iptables`: the binary by that name
+/// (a link, as an image would make it) takes Istio's flags directly.
+#[test]
+fn invoked_as_istio_iptables_it_takes_istios_flags() {
+    let l = ClientPod::new("ist-argv0").expect("client ⇄ pod");
+    let dir = std::env::temp_dir().join(format!("sl-istio-argv0-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let link = dir.join("istio-iptables");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sluice"), &link).expect("link");
+    let out = l
+        .pod
+        .output(Command::new(&link).args(INJECTOR).arg("-n"))
+        .expect("run istio-iptables");
+    std::fs::remove_dir_all(&dir).expect("remove the link");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("-A SLUICE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
+        "{text}"
+    );
+}
