@@ -35,7 +35,7 @@
 use crate::intercept::rules::{Family, RuleSet};
 use std::net::IpAddr;
 
-use crate::istio::flags::{is_v4, Capture, Dns, InboundPorts, Outbound, OwnerGroups, Tproxy};
+use crate::istio::flags::{Capture, Dns, InboundPorts, Outbound, OwnerGroups, Tproxy};
 
 const PREROUTING: &str = "SLUICE_PREROUTING";
 const OUTPUT: &str = "SLUICE_OUTPUT";
@@ -246,7 +246,7 @@ fn push_syn_matches(set: &mut RuleSet, chain: &str, c: &Capture, target: &str) {
 
 fn nat(c: &Capture, family: Family) -> RuleSet {
     let v4 = family == Family::V4;
-    let ours = |net: &&ipnet::IpNet| is_v4(net) == v4;
+    let ours = |net: &&ipnet::IpNet| net.addr().is_ipv4() == v4;
     // Written as iptables-save prints them: the network, not the host.
     let loopback = if v4 {
         c.loopback_v4.trunc().to_string()

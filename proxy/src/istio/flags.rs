@@ -685,11 +685,6 @@ fn log_filter(istio: &str) -> String {
         .to_string()
 }
 
-/// An address that belongs to this family: a CIDR's address.
-pub fn is_v4(net: &IpNet) -> bool {
-    matches!(net.addr(), IpAddr::V4(_))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

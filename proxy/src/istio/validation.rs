@@ -8,9 +8,12 @@
 //! out, as in Istio.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Istio's exit code for a failed validation.
 pub const FAILED: u8 = 126;
@@ -68,7 +71,12 @@ pub fn validate(
                             let _ = passed_tx.send(());
                         }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    // Until a connection comes, or a tenth of a second
+                    // passes to look at `done` again.
+                    Err(_) => {
+                        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                        let _ = poll(&mut fds, PollTimeout::from(100u8));
+                    }
                 }
             }
         });
