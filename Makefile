@@ -12,11 +12,14 @@ APT_PACKAGES += curl python3
 # valgrind: sluice's user-space instructions per connection (callgrind),
 # bench-check's machine-independent gate on its CPU work, and its test.
 APT_PACKAGES += valgrind
+# podman, runc, mmdebstrap: `make image`, and its test in make test (the
+# runtime stage's base made from Debian's archive, run by runc: see image).
+IMAGE_PACKAGES := podman runc mmdebstrap
 # linux-perf: the interceptors' syscall counts (perf stat) and `make profile`.
 BENCH_PACKAGES := haproxy linux-perf
 PROFILE_PACKAGES := strace
 
-.PHONY: all deps bench-deps profile-deps profile build test lint bench bench-check bench-check-selftest bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
+.PHONY: all deps image image-deps image-base bench-deps profile-deps profile build test lint bench bench-check bench-check-selftest bench-baseline bench-micro bench-micro-baseline bench-micro-check clean check-leftovers
 
 all: build
 
@@ -78,7 +81,10 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Every test, the namespace ones included; then proof that none was left behind.
-test: deps lint
+# The image test needs the image base; where none can be made (no container
+# runtime works), that test says so and skips.
+test: deps lint image-deps
+	@$(MAKE) --no-print-directory image-base || echo "make test: no image base; the image test will skip (see above)"
 	@mkdir -p target; set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@$(MAKE) --no-print-directory check-leftovers
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
@@ -153,6 +159,49 @@ bench-baseline: bench-deps
 	$(CARGO) build --release --workspace
 	./target/release/sluice-bench baseline --sluice ./target/release/sluice --runs $(BASELINE_RUNS) --out results/baseline.json
 	@$(MAKE) --no-print-directory check-leftovers
+
+# The image (Containerfile): IMAGE, from target/release/sluice on
+# IMAGE_BASE, a Debian base made here from Debian's archive (mmdebstrap),
+# because these machines reach no container registry. With a registry:
+#   podman build --build-arg BASE=docker.io/library/debian:bookworm-slim -t sluice:0.1.0 .
+# (compiles sluice in rust:1-bookworm). podman's defaults do not run on these
+# VMs: crun refuses cgroup v1's hybrid mode (hence runc, cgroupfs), and its
+# default rlimits exceed the machine's (hence --ulimit).
+IMAGE ?= sluice:$(shell sed -n 's/^version = "\(.*\)"/\1/p' proxy/Cargo.toml)
+IMAGE_BASE ?= localhost/sluice-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+PODMAN ?= podman --runtime runc --cgroup-manager=cgroupfs
+PODMAN_BUILD_ARGS := --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+
+image-deps:
+	@missing=""; for p in $(IMAGE_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Debian's essential set, iptables (nft and legacy), setcap and libelf: what
+# the runtime stage needs and no package manager to fetch more with.
+image-base: image-deps
+	@$(PODMAN) image exists $(IMAGE_BASE) || { \
+	  set -e; mkdir -p target/image; \
+	  mmdebstrap --variant=essential --include=iptables,libcap2-bin,libelf1 \
+	    --aptopt='APT::Install-Recommends "false"' --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+	    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+	    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+	    bookworm target/image/base.tar $(DEBIAN_MIRROR); \
+	  $(PODMAN) import target/image/base.tar $(IMAGE_BASE); \
+	  rm -f target/image/base.tar; }
+
+image: image-base
+	$(CARGO) build --release -p sluice --bin sluice
+	@# The release profile's debug info is for make profile, not the image.
+	strip -o target/image/sluice target/release/sluice
+	$(PODMAN) build $(PODMAN_BUILD_ARGS) --build-arg BASE=$(IMAGE_BASE) \
+	  --build-arg SLUICE_FROM=prebuilt --build-arg SLUICE_BIN=target/image/sluice \
+	  -t $(IMAGE) -f Containerfile .
+	@$(PODMAN) image inspect $(IMAGE) --format 'built $(IMAGE): {{.Size}} bytes'
 
 clean:
 	$(CARGO) clean
