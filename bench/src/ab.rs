@@ -677,7 +677,10 @@ pub fn run(
         }
         if pairs >= plan.min_pairs {
             let judged = judge_all(&samples);
-            if judged.iter().any(|j| j.verdict.fails() && !timed(j.sampled.gate)) {
+            if judged
+                .iter()
+                .any(|j| j.verdict.fails() && !timed(j.sampled.gate))
+            {
                 break "a figure already failed".to_string();
             }
             // A time regression is not final until the most pairs (or the

@@ -102,7 +102,8 @@ fn istio_iptables(args: sluice::istio::IstioArgs) -> ExitCode {
             init_logging(resolved.log_level.as_deref(), format)?;
             sluice::privileges::activate()
                 .context("raising the capabilities sluice is permitted")?;
-            sluice::istio::execute(&resolved).context("sluice istio-iptables")
+            // The error line says "sluice istio-iptables:" already.
+            sluice::istio::execute(&resolved).map_err(anyhow::Error::from)
         });
     match outcome {
         Ok(text) => {

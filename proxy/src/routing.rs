@@ -45,6 +45,20 @@ pub enum Error {
     Socket(#[source] std::io::Error),
     #[error("cannot read or set net.ipv4.tcp_fwmark_accept or fwmark_reflect in this namespace")]
     Sysctl(#[source] std::io::Error),
+    /// A container's /proc/sys is read-only (podman, containerd, CRI-O):
+    /// the pod must set them.
+    #[error(
+        "cannot turn on {} here: /proc/sys is read-only, as in a container. Set them to 1 for \
+         the pod instead (Kubernetes: the pod's securityContext.sysctls, with the kubelet \
+         allowing them by --allowed-unsafe-sysctls, as deploy/sluice-tproxy.yaml says; podman: \
+         --sysctl NAME=1), or use --upstream-source bypass, which needs none",
+        names.join(", ")
+    )]
+    SysctlsReadOnly {
+        names: Vec<String>,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("netlink refused to {what}")]
     Netlink {
         what: String,
@@ -200,9 +214,21 @@ fn sysctls_off(ipv6: bool) -> Result<u8, Error> {
 }
 
 fn set_sysctls(bits: u8, on: bool) -> Result<(), Error> {
-    for (bit, (name, _)) in SYSCTLS.iter().enumerate() {
-        if bits & (1 << bit) != 0 {
-            std::fs::write(sysctl_path(name), if on { "1" } else { "0" }).map_err(Error::Sysctl)?;
+    let named = |bit: usize| bits & (1 << bit) != 0;
+    for (bit, (name, _)) in SYSCTLS.iter().enumerate().filter(|(bit, _)| named(*bit)) {
+        let written = std::fs::write(sysctl_path(name), if on { "1" } else { "0" });
+        match written {
+            Ok(()) => {}
+            Err(source) if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                let names = SYSCTLS
+                    .iter()
+                    .enumerate()
+                    .filter(|(bit, _)| named(*bit))
+                    .map(|(_, (name, _))| name.replace('/', "."))
+                    .collect();
+                return Err(Error::SysctlsReadOnly { names, source });
+            }
+            Err(source) => return Err(Error::Sysctl(source)),
         }
     }
     Ok(())

@@ -62,7 +62,11 @@ fn image(purpose: &str) -> Option<Image> {
         eprintln!("SKIP: podman is not installed (make image-deps installs it)");
         return None;
     }
-    if !podman().args(["image", "exists", BASE]).status().is_ok_and(|s| s.success()) {
+    if !podman()
+        .args(["image", "exists", BASE])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         eprintln!(
             "SKIP: no image base {BASE} (make image-base makes it; it said why it could not)"
         );
@@ -79,9 +83,21 @@ fn image(purpose: &str) -> Option<Image> {
     let image = Image { name };
     let out = output(
         podman()
-            .args(["build", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
+            .args([
+                "build",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
             .args(["--build-arg", &format!("BASE={BASE}")])
-            .args(["--build-arg", "SLUICE_FROM=prebuilt", "-t", &image.name, "-f"])
+            .args([
+                "--build-arg",
+                "SLUICE_FROM=prebuilt",
+                "-t",
+                &image.name,
+                "-f",
+            ])
             .arg(&containerfile)
             .arg(&context),
     );
@@ -94,8 +110,28 @@ fn image(purpose: &str) -> Option<Image> {
 /// NET_ADMIN and NET_RAW only, read-only root; then the image's entrypoint
 /// (sluice) with the arguments that follow.
 fn as_manifests(ns: &Netns, image: &Image, name: &str, options: &[&str]) -> Vec<String> {
-    container(ns, image, name, "65534:65534", &["NET_ADMIN", "NET_RAW"], options)
+    let mut with_sysctls: Vec<&str> = Vec::new();
+    for sysctl in POD_SYSCTLS {
+        with_sysctls.extend(["--sysctl", sysctl]);
+    }
+    with_sysctls.extend(options);
+    container(
+        ns,
+        image,
+        name,
+        "65534:65534",
+        &["NET_ADMIN", "NET_RAW"],
+        &with_sysctls,
+    )
 }
+
+/// The pod's `securityContext.sysctls` in deploy/: a container cannot set
+/// them itself (its /proc/sys is read-only).
+const POD_SYSCTLS: [&str; 3] = [
+    "net.ipv4.tcp_fwmark_accept=1",
+    "net.ipv4.fwmark_reflect=1",
+    "net.ipv6.fwmark_reflect=1",
+];
 
 /// `podman run` of `image` in `ns` as `user` with `caps` and `options`.
 fn container(
@@ -150,6 +186,28 @@ fn run_to_end(args: &[String], more: &[&str]) -> Output {
     output(Command::new(program).args(rest).args(more))
 }
 
+/// podman's default seccomp profile, which refuses io_uring as Docker's
+/// and containerd's RuntimeDefault do, with the three io_uring syscalls
+/// allowed: what the manifests' sidecar needs beyond the runtime's default
+/// (`sluice run` refuses to start without them, and says so).
+fn io_uring_seccomp_profile() -> PathBuf {
+    let default = "/usr/share/containers/seccomp.json";
+    let text = std::fs::read_to_string(default).unwrap_or_else(|e| panic!("{default}: {e}"));
+    let mut profile: serde_json::Value = serde_json::from_str(&text).expect("a seccomp profile");
+    let allow = serde_json::json!({
+        "names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
+        "action": "SCMP_ACT_ALLOW",
+    });
+    profile["syscalls"]
+        .as_array_mut()
+        .expect("the profile's syscalls")
+        .push(allow);
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("seccomp-io-uring-{}.json", std::process::id()));
+    std::fs::write(&path, profile.to_string()).expect("write the seccomp profile");
+    path
+}
+
 #[test]
 fn the_image_installs_the_rules_and_intercepts_as_the_manifests_run_it() {
     let Some(image) = image("tproxy") else { return };
@@ -158,20 +216,56 @@ fn the_image_installs_the_rules_and_intercepts_as_the_manifests_run_it() {
     let name = format!("sl-img-{}", std::process::id());
     let _guard = Container(name.clone());
 
-    // The init container: the defaults (tproxy, every port).
-    let out = run_to_end(&as_manifests(&topology.pod, &image, &name, &[]), &["rules", "install"]);
+    // Without the pod's sysctls, the init container says what to set.
+    let caps = ["NET_ADMIN", "NET_RAW"];
+    let bare = container(&topology.pod, &image, &name, "65534:65534", &caps, &[]);
+    let out = run_to_end(&bare, &["rules", "install"]);
+    assert!(!out.status.success(), "rules install without the sysctls");
+    let err = stderr(&out);
+    assert!(
+        err.contains("net.ipv4.tcp_fwmark_accept") && err.contains("securityContext.sysctls"),
+        "{err}"
+    );
+
+    // The init container as deploy/ has it: the defaults (tproxy, every
+    // port), the pod's sysctls.
+    let out = run_to_end(
+        &as_manifests(&topology.pod, &image, &name, &[]),
+        &["rules", "install"],
+    );
     assert!(out.status.success(), "rules install: {}", stderr(&out));
 
     // The sidecar: `sluice run` with the defaults, the image's binary.
-    // The test's launcher appends the program's path: env runs it.
-    let args = as_manifests(&topology.pod, &image, &name, &["--entrypoint", "/usr/bin/env"]);
-    let wrapper: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The test's launcher appends the program's path: env runs it. The
+    // launcher starts its command inside the pod's namespace, where runc
+    // takes the container's namespace (the same) for its host's and
+    // refuses podman's sysctls: podman goes back to where the other
+    // containers were started from.
+    // Under the runtime's default seccomp profile, io_uring is refused:
+    // sluice says so and exits.
+    let out = run_to_end(&as_manifests(&topology.pod, &image, &name, &[]), &["run"]);
+    assert!(
+        !out.status.success(),
+        "sluice run under the default profile"
+    );
+    assert!(stderr(&out).contains("seccomp profile"), "{}", stderr(&out));
+
+    let profile = io_uring_seccomp_profile();
+    let seccomp = format!("seccomp={}", profile.display());
+    let options = ["--security-opt", &seccomp, "--entrypoint", "/usr/bin/env"];
+    let args = as_manifests(&topology.pod, &image, &name, &options);
+    let back = format!("--net=/proc/{}/ns/net", std::process::id());
+    let wrapper: Vec<&str> = ["nsenter", back.as_str()]
+        .into_iter()
+        .chain(args.iter().map(String::as_str))
+        .collect();
     let launch = Launch {
         wrapper: &wrapper,
         program: Some(Path::new("/usr/local/bin/sluice")),
         ..Launch::default()
     };
     let sluice = Sluice::launch(&topology.pod, &launch, &[]);
+    let _ = std::fs::remove_file(&profile);
 
     let stream = connect(&topology.client, pod_v4(PORT)).expect("connect through sluice");
     let payload = random_bytes(64 << 10, 3);

@@ -63,6 +63,17 @@ fn port_of(addr: &serde_json::Value) -> i64 {
         .unwrap_or_else(|| panic!("not an address: {addr}"))
 }
 
+/// The image `make image` builds (Makefile: IMAGE).
+static IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("sluice:{}", env!("CARGO_PKG_VERSION")));
+
+/// What sluice's client-source return path turns on (routing.rs SYSCTLS).
+const RETURN_PATH_SYSCTLS: [&str; 3] = [
+    "net.ipv4.tcp_fwmark_accept",
+    "net.ipv4.fwmark_reflect",
+    "net.ipv6.fwmark_reflect",
+];
+
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(ToString::to_string).collect()
 }
@@ -112,6 +123,32 @@ fn manifests_agree_with_sluice() {
             assert_eq!(yaml_strings(&sidecar["command"]), ["sluice"], "{name}");
             let config = run_config(&ns, &args);
             let mode = config["policy"]["mode"].as_str().expect("mode").to_string();
+            assert_eq!(
+                sidecar["image"].as_str(),
+                Some(IMAGE.as_str()),
+                "{name}: the image `make image` builds"
+            );
+
+            // A container's /proc/sys is read-only: the pod sets the sysctls
+            // of the client-source return path (the image test shows sluice
+            // refuses to start without them).
+            if config["upstream_source"].as_str() == Some("client") {
+                let sysctls: BTreeSet<(String, String)> = spec["securityContext"]["sysctls"]
+                    .as_vec()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        let field = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+                        (field("name"), field("value"))
+                    })
+                    .collect();
+                for sysctl in RETURN_PATH_SYSCTLS {
+                    assert!(
+                        sysctls.contains(&(sysctl.to_string(), "1".to_string())),
+                        "{name}: the pod must set {sysctl}=1 (securityContext.sysctls)"
+                    );
+                }
+            }
 
             // Probes and the scrape annotation point at sluice's endpoints.
             let readiness = port_of(&config["readiness_addr"]);
@@ -160,6 +197,12 @@ fn manifests_agree_with_sluice() {
             assert_eq!(add, needed, "{name}: sidecar capabilities in {mode} mode");
             assert_eq!(drop, set(&["ALL"]), "{name}");
             assert_non_root(sidecar, &name);
+            // io_uring: RuntimeDefault refuses it (tests/image.rs).
+            let seccomp = sidecar["securityContext"]["seccompProfile"]["type"].as_str();
+            assert!(
+                matches!(seccomp, Some("Unconfined" | "Localhost")),
+                "{name}: the sidecar's seccomp profile must allow io_uring: {seccomp:?}"
+            );
 
             // The init container installs what the sidecar expects.
             let installers: Vec<&Yaml> = init
@@ -204,4 +247,47 @@ fn manifests_agree_with_sluice() {
         !String::from_utf8_lossy(&saved.stdout).contains("SLUICE"),
         "a dry run installed rules"
     );
+}
+
+/// deploy/istio-injection.yaml: a custom injection template that runs
+/// Istio's own istio-init arguments with sluice, as a non-root uid with
+/// NET_ADMIN and NET_RAW only; sluice takes the injector's arguments
+/// (`sluice istio-iptables ... -n`).
+#[test]
+fn the_istio_template_runs_istio_init_with_sluice_least_privileged() {
+    let (path, docs) = manifests()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("istio-injection.yaml"))
+        .expect("deploy/istio-injection.yaml");
+    let name = path.display().to_string();
+    let templates = &docs[0]["spec"]["values"]["sidecarInjectorWebhook"]["templates"];
+    let text = templates["sluice"]
+        .as_str()
+        .expect("a template named sluice");
+    let template = &yaml_rust2::YamlLoader::load_from_str(text).expect("the template is YAML")[0];
+    let init = template["spec"]["initContainers"]
+        .as_vec()
+        .expect("initContainers");
+    assert_eq!(init.len(), 1, "{name}");
+    let container = &init[0];
+    // The strategic merge patch finds Istio's container by this name.
+    assert_eq!(container["name"].as_str(), Some("istio-init"), "{name}");
+    assert_eq!(container["image"].as_str(), Some(IMAGE.as_str()), "{name}");
+    assert_eq!(yaml_strings(&container["command"]), ["sluice"], "{name}");
+    let (add, drop) = capabilities(container);
+    assert_eq!(add, set(&["NET_ADMIN", "NET_RAW"]), "{name}");
+    assert_eq!(drop, set(&["ALL"]), "{name}");
+    assert_non_root(container, &name);
+
+    // Istio's rules depend on the pod's addresses: a pod it is.
+    let pod = netlab::ClientPod::new("manifest-ist").expect("client ⇄ pod");
+    let ns = &pod.pod;
+    let args: Vec<String> = ["istio-iptables"]
+        .iter()
+        .chain(sluice::istio::INJECTOR)
+        .chain(&["-n"])
+        .map(ToString::to_string)
+        .collect();
+    let plan = sluice_ok(ns, &args);
+    assert!(plan.contains("REDIRECT --to-ports 15006"), "{plan}");
 }

@@ -58,7 +58,13 @@ pub enum Error {
     Ebpf(#[source] ebpf::Error),
     #[error("cannot start a worker thread")]
     Worker(#[source] io::Error),
-    #[error("cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled) or the kernel older than 5.11?")]
+    #[error(
+        "cannot start an io_uring runtime: is io_uring disabled (sysctl kernel.io_uring_disabled), \
+         the kernel older than 5.11, or io_uring refused by a container's seccomp profile? The \
+         default profiles of Docker, podman and containerd (Kubernetes' RuntimeDefault) refuse \
+         io_uring_setup, io_uring_enter and io_uring_register: run sluice with a profile that \
+         allows them (deploy/sluice-tproxy.yaml says how)"
+    )]
     IoUring(#[source] io::Error),
     #[error("a worker cannot set up the forwarder's per-thread state (for sockmap: its ring buffer of events)")]
     ForwarderWorker(#[source] io::Error),
