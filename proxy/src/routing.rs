@@ -215,7 +215,7 @@ fn sysctls_off(ipv6: bool) -> Result<u8, Error> {
 
 fn set_sysctls(bits: u8, on: bool) -> Result<(), Error> {
     let named = |bit: usize| bits & (1 << bit) != 0;
-    for (bit, (name, _)) in SYSCTLS.iter().enumerate().filter(|(bit, _)| named(*bit)) {
+    for (_, (name, _)) in SYSCTLS.iter().enumerate().filter(|(bit, _)| named(*bit)) {
         let written = std::fs::write(sysctl_path(name), if on { "1" } else { "0" });
         match written {
             Ok(()) => {}

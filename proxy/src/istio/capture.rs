@@ -269,33 +269,38 @@ fn nat(c: &Capture, family: Family) -> RuleSet {
     let loopback_captured = matches!(&c.outbound, Outbound::Cidrs(cidrs) if cidrs.iter().any(|n| n.addr().is_loopback()));
 
     let mut set = RuleSet::new(family, "nat");
-    set.push("PREROUTING", format!("-j {PREROUTING}"));
     // Istio inserts these at the top, each above the last.
+    let mut prerouting = Vec::new();
     match &outbound {
         None => {
             for interface in c.kube_virt_interfaces.iter().rev() {
-                set.push(PREROUTING, format!("-i {interface} -j {REDIRECT}"));
+                prerouting.push(format!("-i {interface} -j {REDIRECT}"));
             }
         }
         Some(cidrs) => {
             for cidr in cidrs.iter().rev() {
                 for interface in c.kube_virt_interfaces.iter().rev() {
-                    set.push(
-                        PREROUTING,
-                        format!("-d {cidr} -i {interface} -j {REDIRECT}"),
-                    );
+                    prerouting.push(format!("-d {cidr} -i {interface} -j {REDIRECT}"));
                 }
             }
         }
     }
     for interface in c.kube_virt_interfaces.iter().rev() {
-        set.push(PREROUTING, format!("-i {interface} -j RETURN"));
+        prerouting.push(format!("-i {interface} -j RETURN"));
     }
     for interface in &c.exclude_interfaces {
-        set.push(PREROUTING, format!("-i {interface} -j RETURN"));
+        prerouting.push(format!("-i {interface} -j RETURN"));
     }
     if c.inbound != InboundPorts::None {
-        set.push(PREROUTING, format!("-p tcp -j {INBOUND}"));
+        prerouting.push(format!("-p tcp -j {INBOUND}"));
+    }
+    // A chain exists only with a rule in it (`-b ""`, Istio's default,
+    // and no -k or -c leave it empty): no jump to it then.
+    if !prerouting.is_empty() {
+        set.push("PREROUTING", format!("-j {PREROUTING}"));
+    }
+    for rule in prerouting {
+        set.push(PREROUTING, rule);
     }
 
     set.push(

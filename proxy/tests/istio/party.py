@@ -15,11 +15,17 @@ run as any uid with setpriv.
                         NET_ADMIN and NET_RAW.
   ask SRC DST PORT      connect over TCP (from SRC unless "-") and print the line
   ask-udp DST PORT      the same over UDP
+  probe-fin DST PORT    send DST:PORT a lone FIN (raw socket; needs NET_RAW),
+                        which conntrack finds INVALID (no connection starts
+                        with a FIN); print "reset" if a RST answers it within
+                        a second, else "silent"
 """
+import random
 import socket
 import struct
 import sys
 import threading
+import time
 
 SO_ORIGINAL_DST = 80
 
@@ -122,6 +128,59 @@ def mesh_tproxy(mark, family):
     threading.Thread(target=loop, daemon=True).start()
 
 
+IPV6_CHECKSUM = 7
+TCP_FIN_ACK = 0x11
+TCP_RST = 0x04
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def probe_fin(dst, port):
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    # The source address the kernel would pick, for the checksum.
+    route = socket.socket(family, socket.SOCK_DGRAM)
+    route.connect((dst, port))
+    src = route.getsockname()[0]
+    route.close()
+    raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    sport = 40000 + random.randrange(20000)
+    header = struct.pack("!HHIIBBHHH", sport, port, 1, 1, 5 << 4, TCP_FIN_ACK, 65535, 0, 0)
+    if family == socket.AF_INET:
+        pseudo = socket.inet_pton(family, src) + socket.inet_pton(family, dst)
+        pseudo += struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+        header = header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+    else:
+        # The kernel computes IPv6's (and checks the answers').
+        raw.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
+    raw.sendto(header, (dst, 0))
+    deadline = time.monotonic() + 1
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        raw.settimeout(left)
+        try:
+            data, peer = raw.recvfrom(200)
+        except socket.timeout:
+            break
+        if family == socket.AF_INET:
+            data = data[(data[0] & 0x0F) * 4:]  # IPv4's raw sockets see the IP header
+        if len(data) < 20 or peer[0] != dst:
+            continue
+        their, ours = struct.unpack("!HH", data[:4])
+        if (their, ours) == (port, sport) and data[13] & TCP_RST:
+            print("reset")
+            return
+    print("silent")
+
+
 def main():
     mode = sys.argv[1]
     if mode == "mesh-tproxy":
@@ -155,6 +214,8 @@ def main():
         s.settimeout(5)
         s.sendto(b"?", (dst, port))
         print(s.recvfrom(200)[0].decode().strip())
+    elif mode == "probe-fin":
+        probe_fin(sys.argv[2], int(sys.argv[3]))
 
 
 main()
