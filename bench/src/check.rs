@@ -114,7 +114,7 @@ use crate::machine::Machine;
 use crate::profile::ProfileName;
 use crate::report::Run;
 use crate::run::{Figures, HoldFigures, Loaded, ScenarioResult};
-use crate::scenario::Interceptor;
+use crate::scenario::{Interceptor, IstioRules};
 
 /// How much wider than the spread seen in the baseline runs a tolerance is.
 pub const SPREAD_FACTOR: f64 = 2.0;
@@ -353,13 +353,14 @@ fn hold_figures(scenario: &str, interceptor: &Interceptor, h: &HoldFigures) -> V
 }
 
 /// Interceptors that must not create a single conntrack entry: sluice's
-/// TPROXY (its default mode) and eBPF modes, and HAProxy, which runs behind
-/// sluice's TPROXY rules.
+/// TPROXY (its default mode) and eBPF modes, HAProxy, which runs behind
+/// sluice's TPROXY rules, and `sluice istio-iptables -m TPROXY`'s capture.
 pub fn keeps_conntrack_empty(interceptor: &Interceptor) -> bool {
     match interceptor {
         Interceptor::None => false,
         Interceptor::Haproxy => true,
         Interceptor::Sluice { args } => matches!(sluice_mode(args), "tproxy" | "ebpf"),
+        Interceptor::Istio { rules } => *rules == IstioRules::Sluice,
     }
 }
 

@@ -13,7 +13,7 @@ use crate::machine::Machine;
 use crate::plot::{self, Series};
 use crate::profile::{LoadKind, Profile};
 use crate::run::{Loaded, ScenarioResult};
-use crate::scenario::Interceptor;
+use crate::scenario::{Interceptor, IstioRules};
 
 pub const RR_PLOT: &str = "rr-latency.svg";
 pub const CONNTRACK_PLOT: &str = "conntrack.svg";
@@ -404,6 +404,7 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
             (None, Interceptor::None) => "none: client → workload".into(),
             (None, Interceptor::Sluice { args }) => format!("`sluice run {}`", args.join(" ")),
             (None, Interceptor::Haproxy) => "HAProxy".into(),
+            (None, Interceptor::Istio { .. }) => "sluice as Istio's mesh proxy".into(),
         };
         let how = match (&s.interceptor, &s.skipped) {
             (_, Some(why)) => format!("{how} — skipped: {why}"),
@@ -414,6 +415,13 @@ fn markdown(run: &Run, rel: &str, plots: &[&str]) -> String {
                     "9080,6379"
                 } else {
                     "9080"
+                }
+            ),
+            (Interceptor::Istio { rules }, None) => format!(
+                "{how}, behind {}",
+                match rules {
+                    IstioRules::Istio => "Istio's own `-m TPROXY` rules (bench/src/scenario.rs)",
+                    IstioRules::Sluice => "`sluice istio-iptables` with the same arguments",
                 }
             ),
             _ => how,

@@ -938,9 +938,12 @@ impl<'a> Live<'a> {
     /// after a warm-up; None for other interceptors. Its interceptor must
     /// be stopped first (it holds the port and the rules).
     fn instructions(&self, tools: &Tools) -> Option<Instructions> {
-        let Interceptor::Sluice { .. } = self.scenario.interceptor else {
+        if matches!(
+            self.scenario.interceptor,
+            Interceptor::None | Interceptor::Haproxy
+        ) {
             return None;
-        };
+        }
         let failed = |e: anyhow::Error| Instructions {
             connections: 0,
             instructions: None,

@@ -60,6 +60,21 @@ pub enum Interceptor {
     /// with `sluice rules install`): an existing proxy on the same
     /// interception, so the difference is the proxy alone.
     Haproxy,
+    /// An Istio pod's inbound capture in `-m TPROXY`, with sluice as its
+    /// mesh proxy on 15006 (mark 1337, table 133, as Envoy): the same
+    /// proxy behind either capture, so the difference is the rules alone.
+    Istio { rules: IstioRules },
+}
+
+/// Whose rules capture an Istio pod's traffic (the injector's arguments
+/// with `-m TPROXY -b <ports>`, outbound capture on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IstioRules {
+    /// Istio's own rule text ([`istio_tproxy_rules`]).
+    Istio,
+    /// `sluice istio-iptables`: sluice's recipe, no conntrack entry.
+    Sluice,
 }
 
 impl Scenario {
@@ -122,6 +137,12 @@ impl Scenario {
             }
         }
         all.push(Scenario::new("haproxy", Interceptor::Haproxy));
+        for (name, rules) in [
+            ("istio-tproxy", IstioRules::Istio),
+            ("istio-sluice", IstioRules::Sluice),
+        ] {
+            all.push(Scenario::new(name, Interceptor::Istio { rules }));
+        }
         for mode in ["tproxy", "ebpf"] {
             for excluded in POLICY_SIZES {
                 all.push(Scenario::policy_size(mode, excluded));
@@ -143,7 +164,7 @@ impl Scenario {
             Interceptor::Sluice { args } => {
                 Some(flag_value(args, "--mode").unwrap_or_else(|| "tproxy".into()))
             }
-            Interceptor::Haproxy => Some("tproxy".into()),
+            Interceptor::Haproxy | Interceptor::Istio { .. } => Some("tproxy".into()),
         }
     }
 
@@ -156,6 +177,7 @@ impl Scenario {
                 Some(flag_value(args, "--forward").unwrap_or_else(|| "copy".into()))
             }
             Interceptor::Haproxy => Some("haproxy".into()),
+            Interceptor::Istio { .. } => Some("copy".into()),
         }
     }
 
@@ -368,14 +390,21 @@ impl Proxy {
     ) -> Result<Option<Proxy>> {
         let proxy = match &scenario.interceptor {
             Interceptor::None => None,
-            Interceptor::Sluice { args } => Some(start_sluice(
-                prefix,
-                args,
-                &scenario.ports(tools),
-                tools,
-                pod,
-            )?),
+            Interceptor::Sluice { args } => {
+                let ports = scenario.ports(tools);
+                let rules = ["--ports", &ports, "--install-rules"].map(String::from);
+                Some(start_sluice(
+                    prefix,
+                    &[&args[..], &rules].concat(),
+                    tools,
+                    pod,
+                )?)
+            }
             Interceptor::Haproxy => Some(start_haproxy(scenario, tools, pod)?),
+            Interceptor::Istio { rules } => {
+                let args = install_istio_capture(*rules, &scenario.ports(tools), tools, pod)?;
+                Some(start_sluice(prefix, &args, tools, pod)?)
+            }
         };
         let target = SocketAddr::from((netlab::ClientPod::POD_V4, PORT));
         if let Err(e) = probe(client, target, workload, proxy.is_some()) {
@@ -541,13 +570,8 @@ fn spawn_logged(
     ))
 }
 
-fn start_sluice(
-    prefix: &[String],
-    args: &[String],
-    ports: &str,
-    tools: &Tools,
-    pod: &Netns,
-) -> Result<Proxy> {
+/// `sluice run ARGS --workers <cores>`, once it says it is ready.
+fn start_sluice(prefix: &[String], args: &[String], tools: &Tools, pod: &Netns) -> Result<Proxy> {
     let mut command = match prefix.split_first() {
         Some((program, prefix)) => {
             let mut command = Command::new(program);
@@ -559,7 +583,6 @@ fn start_sluice(
     command
         .arg("run")
         .args(args)
-        .args(["--ports", ports, "--install-rules"])
         .args(["--workers", &tools.workers.to_string()]);
     let (mut proxy, ready) = spawn_logged(pod, command, Some(SLUICE_READY))?;
     let deadline = Instant::now() + READY_WITHIN;
@@ -574,6 +597,180 @@ fn start_sluice(
         proxy.command,
         proxy.log_text()
     )
+}
+
+/// Istio's mesh proxy settings (`-u`, `-t`, `-r`), which sluice takes as
+/// its own policy's mark and table.
+const ISTIO_MARK: &str = "1337";
+const ISTIO_TABLE: &str = "133";
+
+/// Installs an Istio pod's capture of `ports` in `pod` (again, for a
+/// restart under callgrind: both ways are idempotent), and returns the
+/// `sluice run` arguments of its mesh proxy: no rules of its own, Istio's
+/// mark and table.
+///
+/// Behind Istio's rules, sluice connects to the workload from 127.0.0.6
+/// (`--upstream-source bypass`, Istio's inbound passthrough source, which
+/// those rules let through). Envoy's `original_src` would connect from the
+/// client's address to the pod's, where sluice's client leg goes to
+/// 127.0.0.6, whose replies need `tcp_fwmark_accept`, which Istio's rules
+/// do not set. Either way the workload connection is a second tracked
+/// connection: the conntrack figure is the rules'.
+fn install_istio_capture(
+    rules: IstioRules,
+    ports: &str,
+    tools: &Tools,
+    pod: &Netns,
+) -> Result<Vec<String>> {
+    let mut args: Vec<String> = [
+        "--mode",
+        "tproxy",
+        "--mark",
+        ISTIO_MARK,
+        "--table",
+        ISTIO_TABLE,
+    ]
+    .map(String::from)
+    .to_vec();
+    match rules {
+        IstioRules::Istio => {
+            let file = tools
+                .scratch
+                .join(format!("sl-bench-istio-{}.rules", std::process::id()));
+            std::fs::write(&file, istio_tproxy_rules(ports))
+                .with_context(|| format!("writing {}", file.display()))?;
+            let restored = pod
+                .output(Command::new("iptables-restore").arg(&file))
+                .context("iptables-restore of Istio's TPROXY rules")
+                .and_then(succeeded);
+            let _ = std::fs::remove_file(&file);
+            restored?;
+            let shown = pod
+                .output(Command::new("ip").args(["rule", "show", "fwmark", ISTIO_MARK]))
+                .context("ip rule show")?;
+            if shown.stdout.is_empty() {
+                let add = ["rule", "add", "fwmark", ISTIO_MARK, "lookup", ISTIO_TABLE];
+                pod.output(Command::new("ip").args(add))
+                    .context("ip rule add")
+                    .and_then(succeeded)?;
+            }
+            let route = [
+                "route",
+                "replace",
+                "local",
+                "default",
+                "dev",
+                "lo",
+                "table",
+                ISTIO_TABLE,
+            ];
+            pod.output(Command::new("ip").args(route))
+                .context("ip route replace")
+                .and_then(succeeded)?;
+            args.extend(["--upstream-source", "bypass"].map(String::from));
+        }
+        IstioRules::Sluice => {
+            let mut install = Command::new(&tools.sluice);
+            install
+                .arg("istio-iptables")
+                .args(istio_tproxy_arguments(ports));
+            pod.output(&mut install)
+                .context("sluice istio-iptables")
+                .and_then(succeeded)?;
+        }
+    }
+    Ok(args)
+}
+
+/// The injector's arguments with `-m TPROXY` and `-b ports`.
+pub fn istio_tproxy_arguments(ports: &str) -> Vec<String> {
+    let args = [
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        ISTIO_MARK,
+        "-m",
+        "TPROXY",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        ports,
+        "-d",
+        "15090,15021,15020",
+    ];
+    args.map(String::from).to_vec()
+}
+
+/// Istio's own rules for [`istio_tproxy_arguments`], IPv4, as its
+/// istio-iptables writes them (tools/istio-iptables, the tproxy cases of
+/// its golden tests): every inbound packet of a captured port goes through
+/// conntrack (`--ctstate`), the mesh proxy's connections are marked by
+/// CONNMARK, and the outbound capture's nat rules make the kernel track
+/// every connection in the namespace.
+pub fn istio_tproxy_rules(ports: &str) -> String {
+    let mut inbound = String::new();
+    for port in ports.split(',') {
+        inbound += &format!(
+            "-A ISTIO_INBOUND -p tcp --dport {port} -m conntrack --ctstate RELATED,ESTABLISHED \
+             -j ISTIO_DIVERT\n-A ISTIO_INBOUND -p tcp --dport {port} -j ISTIO_TPROXY\n"
+        );
+    }
+    format!(
+        "*mangle
+:ISTIO_DIVERT - [0:0]
+:ISTIO_TPROXY - [0:0]
+:ISTIO_INBOUND - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A PREROUTING -p tcp -m mark --mark 1337 -j CONNMARK --save-mark
+-A OUTPUT -p tcp -o lo -m mark --mark 1337 -j RETURN
+-A OUTPUT ! -d 127.0.0.1/32 -p tcp -o lo -m owner --uid-owner 1337 -j MARK --set-mark 1338
+-A OUTPUT ! -d 127.0.0.1/32 -p tcp -o lo -m owner --gid-owner 1337 -j MARK --set-mark 1338
+-A OUTPUT -p tcp -m connmark --mark 1337 -j CONNMARK --restore-mark
+-A ISTIO_DIVERT -j MARK --set-mark 1337
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --tproxy-mark 1337/0xffffffff
+-A ISTIO_INBOUND -p tcp -m mark --mark 1337 -j RETURN
+-A ISTIO_INBOUND -s 127.0.0.6/32 -i lo -p tcp -j RETURN
+-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 1338 -j RETURN
+{inbound}COMMIT
+*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
+"
+    )
+}
+
+/// A command's output when it succeeded; its stderr as the error if not.
+fn succeeded(output: std::process::Output) -> Result<std::process::Output> {
+    if output.status.success() {
+        Ok(output)
+    } else {
+        bail!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    }
 }
 
 fn start_haproxy(scenario: &Scenario, tools: &Tools, pod: &Netns) -> Result<Proxy> {
@@ -759,7 +956,7 @@ mod tests {
         let all = Scenario::builtin();
         let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
-            names[..10],
+            names[..12],
             [
                 "direct",
                 "redirect",
@@ -770,7 +967,9 @@ mod tests {
                 "ebpf",
                 "ebpf-splice",
                 "ebpf-sockmap",
-                "haproxy"
+                "haproxy",
+                "istio-tproxy",
+                "istio-sluice"
             ]
         );
         let bypass = &all[5];
@@ -805,7 +1004,7 @@ mod tests {
             (ports.len(), ports[0], ports[999]),
             (1000, "20000", "20999")
         );
-        assert_eq!(all.len(), 10 + 2 * POLICY_SIZES.len());
+        assert_eq!(all.len(), 12 + 2 * POLICY_SIZES.len());
     }
 
     #[test]
