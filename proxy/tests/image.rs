@@ -43,14 +43,32 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// An image built for one test, removed on drop.
+/// An image built for one test, removed on drop with every image its build
+/// made (its stages', which carry its label).
 struct Image {
     name: String,
 }
 
+impl Image {
+    fn label(&self) -> String {
+        format!("sl-test={}", self.name)
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
-        let _ = podman().args(["rmi", "-f", &self.name]).output();
+        let filter = format!("label={}", self.label());
+        let listed = podman()
+            .args(["images", "--all", "--quiet", "--filter", &filter])
+            .output();
+        let ids: Vec<String> = listed.map_or_else(
+            |_| Vec::new(),
+            |out| {
+                let text = String::from_utf8_lossy(&out.stdout);
+                text.split_whitespace().map(String::from).collect()
+            },
+        );
+        let _ = podman().args(["rmi", "-f", &self.name]).args(&ids).output();
     }
 }
 
@@ -91,6 +109,7 @@ fn image(purpose: &str) -> Option<Image> {
                 "nproc=1024:1024",
             ])
             .args(["--build-arg", &format!("BASE={BASE}")])
+            .args(["--label", &image.label()])
             .args([
                 "--build-arg",
                 "SLUICE_FROM=prebuilt",
